@@ -1,0 +1,188 @@
+"""Attention: MHA/GQA and Multi-head Latent Attention (MLA), each with a decoding cache.
+
+Both modules map `x [batch, length, d_model]` to `(y [batch, length, d_model],
+max_logits [heads])`, where `max_logits[h]` is the largest scaled logit `q.k * scale`
+of head `h` over the whole (global) batch and all unmasked query/key pairs: the
+statistic QK-clip (Kimi K2) needs.
+
+Masks. Training/eval (`decode=False`): causal within the row and, when `segment_ids`
+are given (packed documents), only between tokens of the same segment. Decoding
+(`decode=True`): the new keys are written into the cache at their `positions`, and a
+query at position p attends to cache slots 0..p of its own row, so rows may sit at
+different positions.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+from model.layers import RMSNorm, apply_rope, constrain, dense
+
+
+def causal_mask(length: int, segment_ids: jax.Array | None, batch: int) -> jax.Array:
+    """`[batch, length, length]` mask: key index <= query index, same segment."""
+    idx = jnp.arange(length)
+    mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (batch, length, length))
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask
+
+
+def decode_mask(positions: jax.Array, cache_len: int) -> jax.Array:
+    """`[batch, length, cache_len]` mask: cache slot <= query position."""
+    return jnp.arange(cache_len)[None, None, :] <= positions[:, :, None]
+
+
+def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Writes `new [batch, length, ...]` into `cache [batch, cache_len, ...]` at `positions`
+    (per row; positions past the end are dropped)."""
+    return jax.vmap(lambda c, n, p: c.at[p].set(n.astype(c.dtype), mode="drop"))(
+        cache, new, positions
+    )
+
+
+def masked_softmax_attention(
+    logits: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Softmax over the last axis of float32 `logits [batch, heads..., q, k]` under
+    `mask [batch, q, k]`; returns (probabilities, per-head max logit over batch, q, k)."""
+    extra = logits.ndim - 3  # number of head axes
+    m = mask.reshape(mask.shape[:1] + (1,) * extra + mask.shape[1:])
+    masked = jnp.where(m, logits, -jnp.inf)
+    probs = jax.nn.softmax(masked, axis=-1)
+    probs = jnp.where(m, probs, 0.0)  # rows with no visible key (never in practice)
+    reduce_axes = (0,) + tuple(range(1 + extra, logits.ndim))
+    max_logits = jnp.max(masked, axis=reduce_axes)
+    return probs, max_logits
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads (MHA when n_kv_heads == n_heads, GQA
+    otherwise; Ainslie et al., 2023), RoPE and optional per-head QK RMSNorm."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        decode: bool = False,
+    ) -> tuple[jax.Array, jax.Array]:
+        cfg = self.cfg
+        b, t, d = x.shape
+        h, kv, hd = cfg.n_heads, cfg.num_kv_heads, cfg.attn_head_dim
+        q = dense(cfg, d, h * hd, ("embed", "heads"), "q_proj", cfg.attn_bias)(x)
+        k = dense(cfg, d, kv * hd, ("embed", "kv_heads"), "k_proj", cfg.attn_bias)(x)
+        v = dense(cfg, d, kv * hd, ("embed", "kv_heads"), "v_proj", cfg.attn_bias)(x)
+        q = q.reshape(b, t, h, hd)
+        k = k.reshape(b, t, kv, hd)
+        v = v.reshape(b, t, kv, hd)
+        if cfg.qk_norm:
+            norm = lambda name: RMSNorm(cfg.norm_eps, q.dtype, jnp.dtype(cfg.param_dtype), name=name)
+            q, k = norm("q_norm")(q), norm("k_norm")(k)
+        q = apply_rope(q, positions, cfg.rope_theta)
+        k = apply_rope(k, positions, cfg.rope_theta)
+        q = constrain(q, ("batch", "length", "act_heads", None))
+
+        if decode:
+            shape = (b, cfg.max_seq_len, kv, hd)
+            ck = self.variable("cache", "key", jnp.zeros, shape, q.dtype)
+            cv = self.variable("cache", "value", jnp.zeros, shape, q.dtype)
+            ck.value = write_cache(ck.value, k, positions)
+            cv.value = write_cache(cv.value, v, positions)
+            k, v = ck.value, cv.value
+            mask = decode_mask(positions, cfg.max_seq_len)
+        else:
+            mask = causal_mask(t, segment_ids, b)
+
+        g = h // kv
+        qg = q.reshape(b, t, kv, g, hd)
+        logits = jnp.einsum(
+            "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32
+        ) * cfg.softmax_scale
+        probs, max_logits = masked_softmax_attention(logits, mask)
+        o = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+        o = o.reshape(b, t, h * hd)
+        y = dense(cfg, h * hd, d, ("heads", "embed"), "o_proj")(o)
+        return y, max_logits.reshape(h)
+
+
+class MLAttention(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2 Sec. 2.1; DeepSeek-V3 Sec. 2.1.1).
+
+    q = W_uq RMSNorm(W_dq x) (or W_q x when q_lora_rank = 0), split per head into a
+    no-position part and a RoPE part; the latent c_kv = RMSNorm(W_dkv x) and one RoPE key
+    shared by all heads come from the same down-projection; k_nope = W_uk c_kv and
+    v = W_uv c_kv. The softmax scale is 1/sqrt(qk_nope + qk_rope).
+
+    Decoding caches only c_kv and the rotated shared key (kv_lora_rank + qk_rope_head_dim
+    values per token) and uses the absorbed form: W_uk is folded into the query and W_uv
+    is applied after attending over the latents.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array | None = None,
+        decode: bool = False,
+    ) -> tuple[jax.Array, jax.Array]:
+        cfg = self.cfg
+        b, t, d = x.shape
+        h, nope, rope, vd = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        r = cfg.kv_lora_rank
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+        if cfg.q_lora_rank:
+            cq = dense(cfg, d, cfg.q_lora_rank, ("embed", "q_lora"), "q_a_proj")(x)
+            cq = RMSNorm(cfg.norm_eps, dt, pdt, name="q_a_norm")(cq)
+            q = dense(cfg, cfg.q_lora_rank, h * (nope + rope), ("q_lora", "heads"), "q_b_proj")(cq)
+        else:
+            q = dense(cfg, d, h * (nope + rope), ("embed", "heads"), "q_proj")(x)
+        q = q.reshape(b, t, h, nope + rope)
+        q_nope, q_rope = q[..., :nope], q[..., nope:]
+        q_rope = apply_rope(q_rope, positions, cfg.rope_theta)
+
+        ckv = dense(cfg, d, r + rope, ("embed", "kv_lora"), "kv_a_proj")(x)
+        c_kv = RMSNorm(cfg.norm_eps, dt, pdt, name="kv_a_norm")(ckv[..., :r])
+        k_rope = apply_rope(ckv[..., None, r:], positions, cfg.rope_theta)[:, :, 0]  # [b,t,rope]
+        kv_b = dense(cfg, r, h * (nope + vd), ("kv_lora", "heads"), "kv_b_proj")
+        o_proj = dense(cfg, h * vd, d, ("heads", "embed"), "o_proj")
+        scale = cfg.softmax_scale
+
+        if not decode:
+            kvh = kv_b(c_kv).reshape(b, t, h, nope + vd)
+            k_nope, v = kvh[..., :nope], kvh[..., nope:]
+            logits = (
+                jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+                + jnp.einsum("bthp,bsp->bhts", q_rope, k_rope, preferred_element_type=jnp.float32)
+            ) * scale
+            probs, max_logits = masked_softmax_attention(logits, causal_mask(t, segment_ids, b))
+            o = jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v)
+            return o_proj(o.reshape(b, t, h * vd)), max_logits
+
+        # Absorbed decoding over the latent cache.
+        s = cfg.max_seq_len
+        cc = self.variable("cache", "c_kv", jnp.zeros, (b, s, r), dt)
+        cr = self.variable("cache", "k_rope", jnp.zeros, (b, s, rope), dt)
+        cc.value = write_cache(cc.value, c_kv, positions)
+        cr.value = write_cache(cr.value, k_rope, positions)
+        w = kv_b.kernel.astype(dt).reshape(r, h, nope + vd)
+        w_uk, w_uv = w[..., :nope], w[..., nope:]
+        q_lat = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk)
+        logits = (
+            jnp.einsum("bthr,bsr->bhts", q_lat, cc.value, preferred_element_type=jnp.float32)
+            + jnp.einsum("bthp,bsp->bhts", q_rope, cr.value, preferred_element_type=jnp.float32)
+        ) * scale
+        probs, max_logits = masked_softmax_attention(logits, decode_mask(positions, s))
+        o_lat = jnp.einsum("bhts,bsr->bthr", probs.astype(dt), cc.value)
+        o = jnp.einsum("bthr,rhv->bthv", o_lat, w_uv)
+        return o_proj(o.reshape(b, t, h * vd)), max_logits

@@ -1,0 +1,149 @@
+"""Small building blocks: RMSNorm, rotary embeddings, projections, the SwiGLU FFN."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+class Linear(nn.Module):
+    """`y = x W (+ b)` with an `[in, out]` kernel that carries logical axis names.
+
+    Defined with `setup` so that the kernel itself can be read (`module.kernel`), which
+    MLA's absorbed decoding needs.
+    """
+
+    in_features: int
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool = False
+    init_std: float = 0.02
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def setup(self) -> None:
+        pd = jnp.dtype(self.param_dtype)
+        self.kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
+            (self.in_features, self.features),
+            pd,
+        )
+        if self.use_bias:
+            self.bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, (self.axes[1],)),
+                (self.features,),
+                pd,
+            )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = jnp.dtype(self.dtype)
+        y = jnp.dot(x.astype(dt), self.kernel.astype(dt))
+        if self.use_bias:
+            y = y + self.bias.astype(dt)
+        return y
+
+
+def hidden_std(cfg: ModelConfig) -> float:
+    """Init std of hidden matrices: init_std / sqrt(m) for muP width multiplier m
+    (Tensor Programs V, Table 3: hidden weights' variance scales as 1/fan_in)."""
+    return cfg.init_std / cfg.width_multiplier**0.5
+
+
+def dense(
+    cfg: ModelConfig,
+    in_features: int,
+    features: int,
+    axes: tuple[str | None, str | None],
+    name: str,
+    use_bias: bool = False,
+    std: float | None = None,
+) -> Linear:
+    """A `Linear` with the config's dtypes and muP-aware init."""
+    return Linear(
+        in_features=in_features,
+        features=features,
+        axes=axes,
+        use_bias=use_bias,
+        init_std=hidden_std(cfg) if std is None else std,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) * g, computed in float32."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    axis_name: str = "norm"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],),
+            self.param_dtype,
+        )
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope_frequencies(dim: int, theta: float) -> jax.Array:
+    """Inverse frequencies theta^(-2i/dim), i = 0..dim/2-1 (Su et al., RoFormer)."""
+    return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, rotate-half layout (as Llama in HF transformers).
+
+    Args:
+      x: `[batch, length, heads, dim]`.
+      positions: `[batch, length]` integer positions.
+    Returns:
+      `x` rotated, same shape and dtype.
+    """
+    dim = x.shape[-1]
+    inv = rope_frequencies(dim, theta)
+    ang = positions.astype(jnp.float32)[..., None] * inv  # [b, l, dim/2]
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : dim // 2], xf[..., dim // 2 :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU FFN (Shazeer, 2020): W_down(silu(W_gate x) * W_up x)."""
+
+    cfg: ModelConfig
+    hidden: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        d = cfg.d_model
+        g = dense(cfg, d, self.hidden, ("embed", "mlp"), "gate_proj")(x)
+        u = dense(cfg, d, self.hidden, ("embed", "mlp"), "up_proj")(x)
+        h = constrain(nn.silu(g) * u, ("batch", "length", "act_mlp"))
+        return dense(cfg, self.hidden, d, ("mlp", "embed"), "down_proj")(h)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Activation sharding constraint by logical names (no-op outside a mesh context)."""
+    return nn.with_logical_constraint(x, tuple(axes))

@@ -1,0 +1,202 @@
+"""The decoder-only `Transformer`: one definition for training, evaluation and decoding.
+
+Variables:
+  params:       trained weights (logical axis names on every one).
+  router_bias:  the MoE loss-free balancing biases (not trained by gradients; updated
+                with `update_router_biases` from the loads the forward reports).
+  cache:        decoding caches (created by `init_cache`).
+
+Parameter layout: `embed/embedding`, `layers_{i}/{attn_norm,attn,ffn_norm,mlp|moe}/...`,
+`final_norm/scale`, `lm_head/kernel`. With `scan_layers=True` the blocks are stacked with
+a leading `layers` axis under `dense_stack/...` (the first `first_k_dense` layers, or all
+of a dense model) and `moe_stack/...`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.attention import Attention, MLAttention
+from model.config import ModelConfig
+from model.layers import Linear, RMSNorm, SwiGLU, constrain
+from model.moe import MoE, update_router_bias
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + Attn(RMSNorm(x)), then x + FFN(RMSNorm(x)) (FFN dense or MoE)."""
+
+    cfg: ModelConfig
+    moe: bool = False
+    decode: bool = False
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        cfg = self.cfg
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        attn_cls = MLAttention if cfg.attention == "mla" else Attention
+        h = RMSNorm(cfg.norm_eps, dt, pdt, name="attn_norm")(x)
+        h, max_logits = attn_cls(cfg, name="attn")(h, positions, segment_ids, self.decode)
+        x = x + h
+        h = RMSNorm(cfg.norm_eps, dt, pdt, name="ffn_norm")(x)
+        aux: dict[str, jax.Array] = {"max_logits": max_logits}
+        if self.moe:
+            h, moe_aux = MoE(cfg, name="moe")(h, segment_ids)
+            aux.update(moe_aux)
+        else:
+            h = SwiGLU(cfg, cfg.ffn_dim, name="mlp")(h)
+        x = constrain(x + h, ("batch", "length", "act_embed"))
+        return x, aux
+
+
+def _block_cls(cfg: ModelConfig, scanned: bool):
+    cls = Block  # its (carry, *broadcast) -> (carry, ys) signature suits nn.scan as is
+    if cfg.remat != "none":
+        cls = nn.remat(cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not scanned)
+    return cls
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM.
+
+    `__call__(tokens [batch, length], positions=None, segment_ids=None, decode=False)`
+    returns `(logits [batch, length, vocab] float32, aux)`; aux holds `max_logits
+    [layers, heads]` and, for MoE models, `moe_load [moe_layers, experts]`,
+    `moe_dropped [moe_layers]` and the summed `aux_loss`.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        decode: bool = False,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        cfg = self.cfg
+        b, t = tokens.shape
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        embed_std = 1.0 / math.sqrt(cfg.d_model) if cfg.scale_embeddings else cfg.init_std
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=dt,
+            param_dtype=pdt,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(embed_std), ("vocab", "embed")
+            ),
+            name="embed",
+        )
+        x = embed(tokens)
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
+        x = constrain(x, ("batch", "length", "act_embed"))
+
+        auxes: list[dict[str, jax.Array]] = []
+        stacks = [("dense_stack", False, cfg.n_dense_layers), ("moe_stack", True, cfg.n_moe_layers)]
+        if cfg.scan_layers:
+            for name, is_moe, n in stacks:
+                if n == 0:
+                    continue
+                scanned = nn.scan(
+                    _block_cls(cfg, True),
+                    variable_axes={"params": 0, "router_bias": 0, "cache": 0},
+                    split_rngs={"params": True},
+                    in_axes=(nn.broadcast, nn.broadcast),
+                    length=n,
+                    metadata_params={nn.PARTITION_NAME: "layers"},
+                )
+                x, aux = scanned(cfg, is_moe, decode, name=name)(x, positions, segment_ids)
+                auxes.append(aux)
+        else:
+            for i in range(cfg.n_layers):
+                is_moe = i >= cfg.n_dense_layers
+                x, aux = _block_cls(cfg, False)(cfg, is_moe, decode, name=f"layers_{i}")(
+                    x, positions, segment_ids
+                )
+                auxes.append(jax.tree.map(lambda a: a[None], aux))
+
+        x = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x)
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"),
+                            init_std=cfg.init_std, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                            name="lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        if cfg.mup_base_d_model:
+            logits = logits / cfg.width_multiplier  # muP output multiplier 1/m
+        logits = constrain(logits, ("batch", "length", "act_vocab"))
+        return logits, _collect_aux(auxes, cfg)
+
+
+def _collect_aux(auxes: list[dict[str, jax.Array]], cfg: ModelConfig) -> dict[str, jax.Array]:
+    out = {"max_logits": jnp.concatenate([a["max_logits"] for a in auxes], axis=0)}
+    moe = [a for a in auxes if "load" in a]
+    if cfg.is_moe and moe:
+        out["moe_load"] = jnp.concatenate([a["load"] for a in moe], axis=0)
+        out["moe_dropped"] = jnp.concatenate([a["dropped_frac"] for a in moe], axis=0)
+        out["aux_loss"] = sum(jnp.sum(a["aux_loss"]) for a in moe)
+    return out
+
+
+def init_cache(model: Transformer, params: Any, batch_size: int) -> Any:
+    """An all-zero decoding cache for `batch_size` rows of up to `cfg.max_seq_len` tokens.
+
+    Memory per layer and row: `max_seq_len * cfg.cache_values_per_token` values.
+    """
+    tokens = jnp.zeros((batch_size, 1), jnp.int32)
+    shapes = jax.eval_shape(
+        lambda p: model.apply(p, tokens, decode=True, mutable=["cache"])[1]["cache"], params
+    )
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def moe_bias_paths(cfg: ModelConfig) -> list[tuple[str, ...]]:
+    """Paths of the router biases inside the `router_bias` collection, in layer order (one
+    stacked `[moe_layers, E]` entry when layers are scanned)."""
+    if not cfg.is_moe:
+        return []
+    if cfg.scan_layers:
+        return [("moe_stack", "moe", "bias")]
+    return [(f"layers_{i}", "moe", "bias") for i in range(cfg.n_dense_layers, cfg.n_layers)]
+
+
+def update_router_biases(
+    cfg: ModelConfig, router_bias: Any, moe_load: jax.Array, rate: float | None = None
+) -> Any:
+    """Applies the loss-free balancing update to every MoE layer.
+
+    Args:
+      router_bias: the `router_bias` variable collection.
+      moe_load: `[moe_layers, experts]` loads from the forward pass (`aux["moe_load"]`),
+        summed over the global batch.
+      rate: u; defaults to `cfg.bias_update_rate`.
+    Returns:
+      The updated collection (same structure).
+    """
+    u = cfg.bias_update_rate if rate is None else rate
+    new = jax.tree.map(lambda x: x, router_bias)  # shallow structural copy
+    paths = moe_bias_paths(cfg)
+    for i, path in enumerate(paths):
+        node = new
+        for key in path[:-1]:
+            node = node[key]
+        load = moe_load if cfg.scan_layers else moe_load[i]
+        node[path[-1]] = update_router_bias(node[path[-1]], load, u)
+    return new
