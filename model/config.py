@@ -113,7 +113,7 @@ class ModelConfig:
             need(self.q_lora_rank >= 0, f"q_lora_rank={self.q_lora_rank} must be >= 0")
             need(not self.qk_norm, "qk_norm=True is only supported with attention='mha'")
             need(not self.attn_bias, "attn_bias=True is only supported with attention='mha'")
-        if self.n_routed_experts:
+        if self.n_routed_experts != 0:
             need(self.n_routed_experts > 0, f"n_routed_experts={self.n_routed_experts} must be >= 0")
             need(
                 0 < self.top_k <= self.n_routed_experts,
