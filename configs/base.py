@@ -1,0 +1,111 @@
+"""Shared defaults for every run; experiment configs override only what differs.
+
+`configs` imports nothing from the project: the model section mirrors the fields of
+`model.ModelConfig` (an unknown key there is an error naming the key).
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.job = "pretrain"
+    c.workdir = "runs/default"
+    c.seed = 0
+
+    # Every field of model.ModelConfig with its default (tests/train keep them in sync).
+    c.model = ConfigDict(
+        dict(
+            vocab_size=320,
+            d_model=128,
+            n_layers=2,
+            n_heads=4,
+            max_seq_len=256,
+            attention='mha',
+            n_kv_heads=None,
+            head_dim=None,
+            attn_bias=False,
+            qk_norm=False,
+            q_lora_rank=0,
+            kv_lora_rank=64,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            rope_theta=10000.0,
+            attn_logit_scale='sqrt',
+            ffn_dim=256,
+            n_routed_experts=0,
+            n_shared_experts=0,
+            moe_ffn_dim=64,
+            top_k=2,
+            router_score='sigmoid',
+            norm_topk_prob=True,
+            routed_scaling_factor=1.0,
+            n_group=1,
+            topk_group=1,
+            first_k_dense=0,
+            aux_loss_alpha=0.0,
+            bias_update_rate=0.001,
+            capacity_factor=2.0,
+            tie_embeddings=False,
+            scale_embeddings=True,
+            norm_eps=1e-06,
+            init_std=0.02,
+            mup_base_d_model=0,
+            dtype='float32',
+            param_dtype='float32',
+            remat='none',
+            scan_layers=False,
+        )
+    )
+
+    c.data = ConfigDict(
+        dict(
+            source="stdlib",  # stdlib | text | bin
+            paths=(),
+            tokenizer="byte",
+            dtype="uint16",  # for .bin token files
+            vocab_size=0,  # for bin: 0 -> max token + 1
+            eos_id=0,  # for bin
+            max_files=0,  # stdlib: 0 -> all files
+            eval_permille=20,
+            seq_len=128,
+            batch_size=16,
+        )
+    )
+
+    c.optim = ConfigDict(
+        dict(
+            name="adamw",  # adamw | muon
+            lr=3e-3,
+            schedule="warmup_cosine",  # warmup_cosine | wsd | constant
+            warmup_steps=20,
+            total_steps=-1,  # -1 -> train.steps
+            min_lr_frac=0.1,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            clip_norm=1.0,
+            muon=dict(beta=0.95, nesterov=True, ns_steps=5, update_scale="moonlight", lr=-1.0,
+                      weight_decay=-1.0),
+            labels=(),
+            mup=dict(enabled=False, width_multiplier=1.0),
+            qk_clip=dict(enabled=False, tau=100.0),
+        )
+    )
+
+    c.train = ConfigDict(
+        dict(
+            steps=200,
+            log_every=10,
+            eval_every=100,
+            eval_batches=4,
+            progress=True,
+        )
+    )
+
+    c.checkpoint = ConfigDict(dict(every=100, keep=3, async_save=True))
+
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
+    return c

@@ -1,0 +1,209 @@
+"""`run(config)`: the whole training job, top to bottom.
+
+config -> mesh -> data -> state (init or restore) -> jitted step in a loop -> logs and
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+import optim
+from model import LOGICAL_RULES, ModelConfig, Transformer
+from model.sharding import batch_sharding, logical_to_sharding, make_mesh
+from train import data as data_lib
+from train.checkpoint import Checkpointer, abstract_like
+from train.errors import UserError
+from train.metrics import MetricWriter, to_python
+from train.step import TrainState, make_eval_step, make_train_step
+
+
+def model_config(config: ConfigDict) -> ModelConfig:
+    """`config.model` as a validated `ModelConfig` (errors name the field)."""
+    try:
+        return ModelConfig.from_dict(config.model.to_dict())
+    except (ValueError, TypeError) as e:
+        raise UserError(f"config.model: {e}") from e
+
+
+def build_mesh(config: ConfigDict):
+    try:
+        return make_mesh(dict(config.mesh.to_dict()))
+    except ValueError as e:
+        raise UserError(f"config.mesh: {e}") from e
+
+
+def init_state(model: Transformer, tx, mesh, seed: int, seq_len: int) -> TrainState:
+    """A fresh `TrainState` with every array placed in its sharding on `mesh`.
+
+    Parameters are sharded by their logical axes (`model.sharding.LOGICAL_RULES`); the
+    optimizer state is initialized under `jit` from the sharded parameters, so each moment
+    inherits its parameter's sharding.
+    """
+    rng = jax.random.PRNGKey(seed)
+    dummy = jnp.zeros((1, seq_len), jnp.int32)
+    abstract = jax.eval_shape(lambda r: model.init(r, dummy), rng)
+    param_shardings = logical_to_sharding(nn.get_partition_spec(abstract["params"]), mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    bias_shardings = jax.tree.map(lambda _: replicated, abstract.get("router_bias", {}))
+
+    def _init(r):
+        v = nn.unbox(model.init(r, dummy))
+        return v["params"], v.get("router_bias", {})
+
+    _init = jax.jit(_init, out_shardings=(param_shardings, bias_shardings))
+    params, router_bias = _init(jax.random.fold_in(rng, 1))
+    opt_state = jax.jit(tx.init)(params)
+    return TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        params=params,
+        opt_state=opt_state,
+        router_bias=router_bias,
+        rng=jax.device_put(rng, replicated),
+    )
+
+
+def _state_summary(cfg: ModelConfig, state: TrainState, mesh) -> str:
+    counts = cfg.param_counts()
+    n_dev = mesh.devices.size
+    per_dev = 0
+    for x in jax.tree.leaves((state.params, state.opt_state)):
+        if hasattr(x, "addressable_shards") and x.addressable_shards:
+            shard = x.addressable_shards[0].data
+            per_dev += shard.size * shard.dtype.itemsize
+    sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+    return (
+        f"mesh {sizes} over {n_dev} {jax.devices()[0].platform} device(s); params "
+        f"{counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active/token; "
+        f"params+optimizer {per_dev / 2**20:.1f} MiB per device"
+    )
+
+
+def _check_compat(cfg: ModelConfig, config: ConfigDict, tokens: data_lib.TokenData) -> None:
+    if tokens.vocab_size > cfg.vocab_size:
+        raise UserError(
+            f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({tokens.vocab_size})"
+        )
+    if config.data.seq_len > cfg.max_seq_len:
+        raise UserError(
+            f"config.data.seq_len={config.data.seq_len} exceeds config.model.max_seq_len="
+            f"{cfg.max_seq_len}"
+        )
+
+
+def run(config: ConfigDict) -> dict[str, Any]:
+    """Trains per `config`; returns the last logged metrics. Resumes from the latest
+    checkpoint in `config.workdir/checkpoints` when there is one."""
+    cfg = model_config(config)
+    steps = int(config.train.steps)
+    if steps <= 0:
+        raise UserError(f"config.train.steps={steps} must be > 0")
+    mesh = build_mesh(config)
+    bsz, seq = int(config.data.batch_size), int(config.data.seq_len)
+    batch_div = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+    if bsz % batch_div:
+        raise UserError(
+            f"config.data.batch_size={bsz} is not divisible by the data-parallel mesh size "
+            f"{batch_div} (data x fsdp x expert)"
+        )
+    tokens = data_lib.load_tokens(config.data)
+    _check_compat(cfg, config, tokens)
+    eval_sets = data_lib.eval_batches(tokens.eval, int(config.train.eval_batches), bsz, seq)
+
+    opt_cfg = ConfigDict(config.optim.to_dict())
+    if opt_cfg.total_steps <= 0:
+        opt_cfg.total_steps = steps
+    model = Transformer(cfg)
+    workdir = config.workdir
+    with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+        abstract_params = jax.eval_shape(
+            lambda r: nn.unbox(model.init(r, jnp.zeros((1, seq), jnp.int32)))["params"],
+            jax.random.PRNGKey(0),
+        )
+        try:
+            tx = optim.build(opt_cfg, abstract_params)
+            schedule = optim.build_schedule(opt_cfg)
+        except ValueError as e:
+            raise UserError(f"config.optim: {e}") from e
+        state = init_state(model, tx, mesh, int(config.seed), seq)
+
+        os.makedirs(workdir, exist_ok=True)
+        ckpt = Checkpointer(
+            os.path.join(workdir, "checkpoints"),
+            int(config.checkpoint.every),
+            int(config.checkpoint.keep),
+            bool(config.checkpoint.async_save),
+        )
+        start = ckpt.latest_step()
+        if start is not None:
+            state = ckpt.restore(abstract_like(state))
+            print(f"resumed from {ckpt.directory} at step {int(state.step)}")
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+        print(_state_summary(cfg, state, mesh))
+
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        data_sharding = batch_sharding(mesh)
+        batch_shardings = {"inputs": data_sharding, "targets": data_sharding}
+        step_fn = jax.jit(
+            make_train_step(model, tx, schedule),
+            in_shardings=(shardings, batch_shardings),
+            out_shardings=(shardings, None),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(make_eval_step(model), in_shardings=(shardings, batch_shardings))
+
+        writer = MetricWriter(workdir)
+        log_every = max(int(config.train.log_every), 1)
+        eval_every = int(config.train.eval_every)
+        first = int(state.step)
+        bar = tqdm(total=steps, initial=first, disable=not config.train.progress,
+                   dynamic_ncols=True, desc="train")
+        last: dict[str, Any] = {}
+        t0, tok0 = time.perf_counter(), 0
+        metrics = None
+        for step in range(first, steps):
+            batch = data_lib.batch_at(tokens.train, step, bsz, seq, int(config.seed))
+            batch = jax.device_put(batch, batch_shardings)
+            state, metrics = step_fn(state, batch)
+            tok0 += bsz * seq
+            done = step + 1
+            if done % log_every == 0 or done == steps:
+                m = to_python(jax.device_get(metrics))
+                dt = time.perf_counter() - t0
+                m["tokens_per_s"] = tok0 / max(dt, 1e-9)
+                if eval_every > 0 and (done % eval_every == 0 or done == steps):
+                    m["eval_loss"] = _evaluate(eval_fn, state, eval_sets, batch_shardings)
+                writer.write(done, m)
+                last = {"step": done, **m}
+                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
+                t0, tok0 = time.perf_counter(), 0
+            bar.update(1)
+            ckpt.save(done, state, force=(done == steps))
+        bar.close()
+        ckpt.close()
+        writer.close()
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+        json.dump(last, f, indent=2)
+    return last
+
+
+def _evaluate(eval_fn, state, eval_sets, shardings) -> float:
+    total, count = 0.0, 0.0
+    for b in eval_sets:
+        out = eval_fn(state, jax.device_put(b, shardings))
+        n = float(out["tokens"])
+        total += float(out["loss"]) * n
+        count += n
+    return total / max(count, 1.0)
