@@ -64,6 +64,12 @@ def init_state(model: Transformer, tx, mesh, seed: int, seq_len: int) -> TrainSt
     _init = jax.jit(_init, out_shardings=(param_shardings, bias_shardings))
     params, router_bias = _init(jax.random.fold_in(rng, 1))
     opt_state = jax.jit(tx.init)(params)
+    # Leaves that did not inherit a parameter's sharding (step counters) are replicated.
+    mesh_devices = set(mesh.devices.flat)
+    opt_state = jax.tree.map(
+        lambda x: x if set(x.sharding.device_set) == mesh_devices else jax.device_put(x, replicated),
+        opt_state,
+    )
     return TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
         params=params,
