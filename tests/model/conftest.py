@@ -65,3 +65,10 @@ def setup():
 def jit():
     """`jax.jit` with fast (unoptimized) CPU compilation; same keyword arguments."""
     return fast_jit
+
+
+@pytest.fixture(scope="session")
+def fill():
+    """`fill(abstract_variables, seed, gain=1.5)`: random values for a `jax.eval_shape`d
+    variable tree (see `_fill`)."""
+    return lambda abstract, seed=0, gain=1.5: _fill(abstract, seed, gain)
