@@ -102,6 +102,9 @@ def get_config() -> ConfigDict:
             eval_every=100,
             eval_batches=4,
             progress=True,
+            grad_accum=1,
+            z_loss=0.0,
+            max_bad_steps=10,  # abort after this many non-finite steps in a row (0: never)
         )
     )
 

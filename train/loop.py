@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -25,7 +27,8 @@ from train import data as data_lib
 from train.checkpoint import Checkpointer, abstract_like
 from train.errors import UserError
 from train.metrics import MetricWriter, to_python
-from train.step import TrainState, make_eval_step, make_train_step
+from train.qkclip import make_qk_clip_hook
+from train.step import StepOptions, TrainState, make_eval_step, make_train_step
 
 
 def model_config(config: ConfigDict) -> ModelConfig:
@@ -76,6 +79,7 @@ def init_state(model: Transformer, tx, mesh, seed: int, seq_len: int) -> TrainSt
         opt_state=opt_state,
         router_bias=router_bias,
         rng=jax.device_put(rng, replicated),
+        bad_steps=jax.device_put(jnp.zeros((), jnp.int32), replicated),
     )
 
 
@@ -155,6 +159,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         if start is not None:
             state = ckpt.restore(abstract_like(state))
             print(f"resumed from {ckpt.directory} at step {int(state.step)}")
+            drop_metrics_after(workdir, int(state.step))
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
         print(_state_summary(cfg, state, mesh))
@@ -162,8 +167,24 @@ def run(config: ConfigDict) -> dict[str, Any]:
         shardings = jax.tree.map(lambda x: x.sharding, state)
         data_sharding = batch_sharding(mesh)
         batch_shardings = {"inputs": data_sharding, "targets": data_sharding}
+        options = StepOptions(
+            grad_accum=int(config.train.grad_accum),
+            z_loss=float(config.train.z_loss),
+            skip_nonfinite=True,
+        )
+        if bsz % (options.grad_accum * batch_div):
+            raise UserError(
+                f"config.data.batch_size={bsz} is not divisible by config.train.grad_accum="
+                f"{options.grad_accum} x the data-parallel mesh size {batch_div}"
+            )
+        hook = None
+        if config.optim.qk_clip.enabled:
+            try:
+                hook = make_qk_clip_hook(cfg, float(config.optim.qk_clip.tau))
+            except ValueError as e:
+                raise UserError(f"config.optim.qk_clip: {e}") from e
         step_fn = jax.jit(
-            make_train_step(model, tx, schedule),
+            make_train_step(model, tx, schedule, options, hook),
             in_shardings=(shardings, batch_shardings),
             out_shardings=(shardings, None),
             donate_argnums=0,
@@ -173,10 +194,14 @@ def run(config: ConfigDict) -> dict[str, Any]:
         writer = MetricWriter(workdir)
         log_every = max(int(config.train.log_every), 1)
         eval_every = int(config.train.eval_every)
+        max_bad = int(config.train.max_bad_steps)
+        ckpt_every = max(int(config.checkpoint.every), 1)
         first = int(state.step)
         bar = tqdm(total=steps, initial=first, disable=not config.train.progress,
                    dynamic_ncols=True, desc="train")
         last: dict[str, Any] = {}
+        preempted: list[str] = []
+        restore_signals = _on_preemption(preempted)
         t0, tok0 = time.perf_counter(), 0
         metrics = None
         for step in range(first, steps):
@@ -185,7 +210,14 @@ def run(config: ConfigDict) -> dict[str, Any]:
             state, metrics = step_fn(state, batch)
             tok0 += bsz * seq
             done = step + 1
-            if done % log_every == 0 or done == steps:
+            if done % log_every == 0 or done == steps or preempted:
+                if max_bad and int(state.bad_steps) >= max_bad:
+                    ckpt.close()
+                    raise UserError(
+                        f"aborting at step {done}: {int(state.bad_steps)} steps in a row had a "
+                        "non-finite loss or gradient (updates skipped; checkpoints kept). Lower "
+                        "config.optim.lr or change config.train.max_bad_steps"
+                    )
                 m = to_python(jax.device_get(metrics))
                 dt = time.perf_counter() - t0
                 m["tokens_per_s"] = tok0 / max(dt, 1e-9)
@@ -196,8 +228,13 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
                 t0, tok0 = time.perf_counter(), 0
             bar.update(1)
-            ckpt.save(done, state, force=(done == steps))
+            if done % ckpt_every == 0 or done == steps or preempted:
+                ckpt.save(done, state, force=True)
+            if preempted:
+                print(f"\nreceived {preempted[0]}: saved step {done}; rerun the command to resume")
+                break
         bar.close()
+        restore_signals()
         ckpt.close()
         writer.close()
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
@@ -205,11 +242,52 @@ def run(config: ConfigDict) -> dict[str, Any]:
     return last
 
 
+def _on_preemption(flag: list[str]):
+    """SIGTERM/SIGINT set `flag` (the loop saves a checkpoint and stops after the current
+    step) instead of killing the process; returns a function restoring the old handlers."""
+    old = {}
+
+    def handler(signum, frame):
+        flag.append(signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, handler)
+
+    def restore():
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+    return restore
+
+
+def drop_metrics_after(workdir: str, step: int) -> None:
+    """On resume, rows logged after the restored step (by a run that died before its next
+    checkpoint) are moved to `metrics.jsonl.stale` so that the curve is not duplicated."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep, stale = [], []
+    for line in lines:
+        try:
+            (keep if json.loads(line)["step"] <= step else stale).append(line)
+        except (ValueError, KeyError):
+            stale.append(line)  # a line cut short by a kill
+    if stale:
+        with open(path + ".stale", "a") as f:
+            f.writelines(stale)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
 def _evaluate(eval_fn, state, eval_sets, shardings) -> float:
     total, count = 0.0, 0.0
     for b in eval_sets:
         out = eval_fn(state, jax.device_put(b, shardings))
-        n = float(out["tokens"])
-        total += float(out["loss"]) * n
-        count += n
+        total += float(out["loss_sum"])
+        count += float(out["tokens"])
     return total / max(count, 1.0)
