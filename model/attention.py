@@ -85,8 +85,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             norm = lambda name: RMSNorm(cfg.norm_eps, q.dtype, jnp.dtype(cfg.param_dtype), name=name)
             q, k = norm("q_norm")(q), norm("k_norm")(k)
-        q = apply_rope(q, positions, cfg.rope_theta)
-        k = apply_rope(k, positions, cfg.rope_theta)
+        q = apply_rope(q, positions, cfg.rope_theta, cfg)
+        k = apply_rope(k, positions, cfg.rope_theta, cfg)
         q = constrain(q, ("batch", "length", "act_heads", None))
 
         if decode:
@@ -149,11 +149,11 @@ class MLAttention(nn.Module):
             q = dense(cfg, d, h * (nope + rope), ("embed", "heads"), "q_proj")(x)
         q = q.reshape(b, t, h, nope + rope)
         q_nope, q_rope = q[..., :nope], q[..., nope:]
-        q_rope = apply_rope(q_rope, positions, cfg.rope_theta)
+        q_rope = apply_rope(q_rope, positions, cfg.rope_theta, cfg)
 
         ckv = dense(cfg, d, r + rope, ("embed", "kv_lora"), "kv_a_proj")(x)
         c_kv = RMSNorm(cfg.norm_eps, dt, pdt, name="kv_a_norm")(ckv[..., :r])
-        k_rope = apply_rope(ckv[..., None, r:], positions, cfg.rope_theta)[:, :, 0]  # [b,t,rope]
+        k_rope = apply_rope(ckv[..., None, r:], positions, cfg.rope_theta, cfg)[:, :, 0]  # [b,t,rope]
         kv_b = dense(cfg, r, h * (nope + vd), ("kv_lora", "heads"), "kv_b_proj")
         o_proj = dense(cfg, h * vd, d, ("heads", "embed"), "o_proj")
         scale = cfg.softmax_scale

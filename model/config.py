@@ -14,6 +14,11 @@ from typing import Any, Literal
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's attention temperature 0.1 * mscale * ln(factor) + 1 (1 when factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of `model.Transformer`.
@@ -42,6 +47,18 @@ class ModelConfig:
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
     rope_theta: float = 10000.0
+    # RoPE context extension (HF `rope_scaling`), as in `transformers.modeling_rope_utils`:
+    # "linear" (position interpolation, Chen et al. 2023), "llama3" (Llama 3.1), "yarn"
+    # (Peng et al. 2023, with DeepSeek-V3's mscale on the softmax scale).
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    rope_factor: float = 1.0
+    rope_original_max_len: int = 0  # llama3 / yarn: context length before the extension
+    rope_beta_fast: float = 32.0  # yarn: correction range, in rotations
+    rope_beta_slow: float = 1.0
+    rope_mscale: float = 0.0  # yarn: see `rope_attention_factor` (0 = unset)
+    rope_mscale_all_dim: float = 0.0  # yarn: softmax scale x mscale(factor, this)^2 (0 = unset)
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
     attn_logit_scale: Literal["sqrt", "inverse"] = "sqrt"  # 1/sqrt(d) or muP's 1/d
 
     # --- FFN / MoE (DeepSeek-V3 Sec. 2.1.2) ---
@@ -90,6 +107,19 @@ class ModelConfig:
             self.attn_logit_scale in ("sqrt", "inverse"),
             f"attn_logit_scale={self.attn_logit_scale!r} must be 'sqrt' or 'inverse'",
         )
+        need(
+            self.rope_scaling in ("none", "linear", "llama3", "yarn"),
+            f"rope_scaling={self.rope_scaling!r} must be none|linear|llama3|yarn",
+        )
+        if self.rope_scaling != "none":
+            need(self.rope_factor > 0, f"rope_factor={self.rope_factor} must be > 0")
+        if self.rope_scaling in ("llama3", "yarn"):
+            need(self.rope_original_max_len > 0,
+                 f"rope_original_max_len={self.rope_original_max_len} must be > 0 for "
+                 f"rope_scaling={self.rope_scaling!r}")
+        if self.rope_scaling == "llama3":
+            need(self.rope_high_freq_factor > self.rope_low_freq_factor,
+                 "rope_high_freq_factor must be > rope_low_freq_factor")
         if self.attention == "mha":
             kv = self.num_kv_heads
             need(kv > 0, f"n_kv_heads={kv} must be > 0")
@@ -175,8 +205,25 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
+        """1/sqrt(d) (or muP's 1/d); with YaRN and `rope_mscale_all_dim`, times
+        mscale(factor, mscale_all_dim)^2 (DeepSeek-V3; `yarn_apply_mscale` in transformers)."""
         d = self.qk_head_dim
-        return 1.0 / math.sqrt(d) if self.attn_logit_scale == "sqrt" else 1.0 / d
+        scale = 1.0 / math.sqrt(d) if self.attn_logit_scale == "sqrt" else 1.0 / d
+        if self.rope_scaling == "yarn" and self.rope_mscale_all_dim:
+            scale *= yarn_mscale(self.rope_factor, self.rope_mscale_all_dim) ** 2
+        return scale
+
+    @property
+    def rope_attention_factor(self) -> float:
+        """Multiplier on the rotated q and k (HF's YaRN `attention_factor`):
+        mscale(f, rope_mscale) / mscale(f, rope_mscale_all_dim) when both are set, else
+        mscale(f) = 0.1 ln f + 1; 1 without YaRN."""
+        if self.rope_scaling != "yarn":
+            return 1.0
+        f = self.rope_factor
+        if self.rope_mscale and self.rope_mscale_all_dim:
+            return yarn_mscale(f, self.rope_mscale) / yarn_mscale(f, self.rope_mscale_all_dim)
+        return yarn_mscale(f)
 
     @property
     def is_moe(self) -> bool:

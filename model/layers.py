@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -103,28 +104,67 @@ class RMSNorm(nn.Module):
         return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def rope_frequencies(dim: int, theta: float) -> jax.Array:
-    """Inverse frequencies theta^(-2i/dim), i = 0..dim/2-1 (Su et al., RoFormer)."""
-    return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+def rope_frequencies(dim: int, theta: float, cfg: ModelConfig | None = None) -> jax.Array:
+    """Inverse frequencies theta^(-2i/dim), i = 0..dim/2-1 (Su et al., RoFormer).
+
+    With `cfg.rope_scaling` (as `transformers.modeling_rope_utils` computes them): "linear"
+    divides every frequency by the factor (Chen et al., 2023); "llama3" divides the
+    frequencies whose wavelength exceeds original_len / low_freq_factor and interpolates
+    smoothly up to original_len / high_freq_factor (Llama 3.1); "yarn" blends the divided and
+    the original frequencies with a linear ramp over the dimensions between the beta_fast and
+    beta_slow correction bounds (Peng et al., 2023, "YaRN", Sec. 3.2).
+    """
+    inv = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    kind = "none" if cfg is None else cfg.rope_scaling
+    if kind == "linear":
+        inv = inv / cfg.rope_factor
+    elif kind == "llama3":
+        f, old = cfg.rope_factor, cfg.rope_original_max_len
+        lo, hi = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old / lo, inv / f, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / f + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = jnp.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        f, old = cfg.rope_factor, cfg.rope_original_max_len
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(correction_dim(cfg.rope_beta_fast)), 0)
+        high = min(math.ceil(correction_dim(cfg.rope_beta_slow)), dim - 1)
+        high = high + 0.001 if low == high else high
+        ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp  # 1: keep the original frequency, 0: divide by the factor
+        inv = inv / f * (1 - extrapolation) + inv * extrapolation
+    return inv
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def apply_rope(
+    x: jax.Array, positions: jax.Array, theta: float, cfg: ModelConfig | None = None
+) -> jax.Array:
     """Rotary position embedding, rotate-half layout (as Llama in HF transformers).
 
     Args:
       x: `[batch, length, heads, dim]`.
       positions: `[batch, length]` integer positions.
+      cfg: supplies the optional RoPE scaling (`rope_frequencies`) and YaRN's multiplier
+        `cfg.rope_attention_factor` on the result; None: plain RoPE.
     Returns:
       `x` rotated, same shape and dtype.
     """
     dim = x.shape[-1]
-    inv = rope_frequencies(dim, theta)
+    inv = rope_frequencies(dim, theta, cfg)
     ang = positions.astype(jnp.float32)[..., None] * inv  # [b, l, dim/2]
     cos = jnp.cos(ang)[:, :, None, :]
     sin = jnp.sin(ang)[:, :, None, :]
     xf = x.astype(jnp.float32)
     x1, x2 = xf[..., : dim // 2], xf[..., dim // 2 :]
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    if cfg is not None and cfg.rope_attention_factor != 1.0:
+        out = out * cfg.rope_attention_factor
     return out.astype(x.dtype)
 
 
