@@ -93,3 +93,37 @@ def test_bad_inputs_raise_named_errors(tmp_path):
         run(c)
     assert not os.path.exists(tmp_path / "metrics.jsonl")
     assert jax.device_count() == 8
+
+
+def test_restore_onto_another_mesh_and_bad_checkpoints(tmp_path):
+    import shutil
+
+    a = tmp_path / "a"
+    run(small_config(a, steps=8))
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    run(small_config(a, steps=12))  # same mesh
+    c = small_config(b, steps=12)
+    c.mesh.update(dict(data=1, fsdp=4, tensor=2, expert=1))  # another layout of the 8 devices
+    run(c)
+    la, lb = read_metrics(a)[-1], read_metrics(b)[-1]
+    assert la["step"] == lb["step"] == 12
+    np.testing.assert_allclose(la["loss"], lb["loss"], rtol=2e-4)
+
+    before = sorted(os.listdir(a / "checkpoints"))
+    bad = small_config(a, steps=16)
+    bad.model.d_model = 64  # incompatible with the saved tree
+    with pytest.raises(UserError, match="cannot restore"):
+        run(bad)
+    assert sorted(os.listdir(a / "checkpoints")) == before
+
+    # Corrupt every data file of the latest checkpoint: a clear error, nothing deleted.
+    latest = a / "checkpoints" / "12"
+    for root, _, files in os.walk(latest):
+        for f in files:
+            if "metadata" not in f:
+                with open(os.path.join(root, f), "wb") as fh:
+                    fh.write(b"garbage")
+    with pytest.raises(UserError, match="cannot restore"):
+        run(small_config(a, steps=16))
+    assert sorted(os.listdir(a / "checkpoints")) == before

@@ -1,0 +1,89 @@
+"""Train-step behaviour: gradient accumulation == one big batch, NaN guard, QK-clip hook."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from model import ModelConfig, Transformer
+from train.qkclip import make_qk_clip_hook
+from train.step import StepOptions, TrainState, make_train_step
+
+
+def make_state(model, tx, seq=16):
+    v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, seq), jnp.int32))
+    import flax.linen as nn
+
+    v = nn.unbox(v)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=v["params"], opt_state=tx.init(v["params"]),
+        router_bias=v.get("router_bias", {}), rng=jax.random.PRNGKey(0),
+        bad_steps=jnp.zeros((), jnp.int32),
+    )
+
+
+def batch(b=8, t=16, vocab=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, vocab, size=(b, t + 1)).astype(np.int32)
+    return {"inputs": jnp.asarray(x[:, :-1]), "targets": jnp.asarray(x[:, 1:])}
+
+
+def test_grad_accumulation_matches_big_batch():
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=32)
+    model = Transformer(cfg)
+    tx = optax.sgd(0.1)  # linear in the gradient: states compare the gradients directly
+    s0 = make_state(model, tx)
+    b = batch()
+    big, m_big = jax.jit(make_train_step(model, tx))(s0, b)
+    acc, m_acc = jax.jit(make_train_step(model, tx, options=StepOptions(grad_accum=4)))(s0, b)
+    np.testing.assert_allclose(m_big["loss"], m_acc["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_big["grad_norm"], m_acc["grad_norm"], rtol=1e-4)
+    for a, c in zip(jax.tree.leaves(big.params), jax.tree.leaves(acc.params), strict=True):
+        np.testing.assert_allclose(a, c, atol=1e-6)
+    # ... and differs from a step on a quarter of the batch (the test can fail).
+    quarter, _ = jax.jit(make_train_step(model, tx))(s0, jax.tree.map(lambda x: x[:2], b))
+    diffs = [float(jnp.abs(a - c).max()) for a, c in
+             zip(jax.tree.leaves(big.params), jax.tree.leaves(quarter.params), strict=True)]
+    assert max(diffs) > 1e-4
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=32)
+    model = Transformer(cfg)
+    tx = optax.adam(1e-2)
+    s0 = make_state(model, tx)
+    p = s0.params
+    p = {**p, "final_norm": {"scale": p["final_norm"]["scale"].at[0].set(jnp.nan)}}
+    bad = s0.replace(params=p)
+    step = jax.jit(make_train_step(model, tx))
+    s1, m = step(bad, batch())
+    assert int(m["skipped"]) == 1 and int(s1.bad_steps) == 1 and int(s1.step) == 1
+    for a, c in zip(jax.tree.leaves(bad.params), jax.tree.leaves(s1.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    for a, c in zip(jax.tree.leaves(bad.opt_state), jax.tree.leaves(s1.opt_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    s2, _ = step(s1, batch(seed=1))
+    assert int(s2.bad_steps) == 2
+    good, m = step(s0, batch())
+    assert int(m["skipped"]) == 0 and int(good.bad_steps) == 0
+
+
+def test_qk_clip_hook_caps_max_logit_in_the_step():
+    for attention in ("mha", "mla"):
+        # One layer: clipping a layer changes the inputs of the layers above it.
+        cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, ffn_dim=64,
+                          max_seq_len=32, attention=attention, kv_lora_rank=16,
+                          qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, init_std=0.5)
+        model = Transformer(cfg)
+        tx = optax.sgd(0.0)  # no learning: only the clip changes the weights
+        s0 = make_state(model, tx)
+        b = batch()
+        _, aux = model.apply({"params": s0.params}, b["inputs"])
+        tau = float(jnp.min(aux["max_logits"])) * 0.5  # every head clipped
+        step = jax.jit(make_train_step(model, tx, post_update=make_qk_clip_hook(cfg, tau)))
+        s1, m = step(s0, b)
+        assert float(m["qk_clip/frac_clipped"]) == 1.0
+        _, aux1 = model.apply({"params": s1.params}, b["inputs"])
+        np.testing.assert_allclose(aux1["max_logits"], tau, rtol=1e-4)
