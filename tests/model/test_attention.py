@@ -88,6 +88,7 @@ DECODE_CASES = {
     "mha": MHA,
     "mqa": MHA.replace(n_kv_heads=1),
     "gqa": GQA,
+    "gqa_qknorm_bias_tied": GQA.replace(qk_norm=True, attn_bias=True, tie_embeddings=True),
     "mla_qlora": MLA.replace(q_lora_rank=12),
     "mla_moe": MLA_MOE.replace(q_lora_rank=0),
 }
@@ -95,7 +96,8 @@ DECODE_CASES = {
 
 @pytest.mark.parametrize(
     "name, scan",
-    [("mha", False), ("gqa", True), ("mqa", False), ("mla_qlora", False), ("mla_moe", True)],
+    [("mha", False), ("gqa", True), ("mqa", False), ("gqa_qknorm_bias_tied", False),
+     ("mla_qlora", False), ("mla_moe", True)],
 )
 def test_cached_decode_equals_full_forward(setup, jit, name, scan):
     """Prefill 8 tokens per row, then decode token by token; the rows sit at different
