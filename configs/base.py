@@ -61,14 +61,17 @@ def get_config() -> ConfigDict:
 
     c.data = ConfigDict(
         dict(
-            source="stdlib",  # stdlib | text | bin
-            paths=(),
-            tokenizer="byte",
-            dtype="uint16",  # for .bin token files
-            vocab_size=0,  # for bin: 0 -> max token + 1
-            eos_id=0,  # for bin
+            source="stdlib",  # stdlib | text | bin | arrayrecord (see train/data.py)
+            paths=(),  # text/bin/arrayrecord: files, directories, globs
+            tokenizer="byte",  # byte | path to tokenizer.json | path to SentencePiece .model
+            eos_token="",  # tokenizer file: EOS token ("" -> the tokenizer's own)
+            cache_dir="",  # tokenizer file: cache the tokenized corpus here ("" -> none)
+            record_format="text",  # arrayrecord records: text (UTF-8) | tokens (raw dtype)
+            dtype="uint16",  # token files/records: uint16 | uint32 | int32
+            vocab_size=0,  # token sources: 0 -> the tokenizer file's, else max token + 1
+            eos_id=-1,  # token sources: -1 -> the tokenizer file's EOS, else none
             max_files=0,  # stdlib: 0 -> all files
-            eval_permille=20,
+            eval_permille=20,  # held-out thousandths (documents by crc32 of the name)
             seq_len=128,
             batch_size=16,
         )
@@ -109,6 +112,11 @@ def get_config() -> ConfigDict:
     )
 
     c.checkpoint = ConfigDict(dict(every=100, keep=3, async_save=True))
+
+    # Multi-host: every process runs the same command with its own process_id.
+    c.distributed = ConfigDict(
+        dict(coordinator_address="", num_processes=0, process_id=-1, auto=True)
+    )
 
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1))
     return c

@@ -1,89 +1,618 @@
-"""Training data: documents -> tokens -> fixed-length training windows.
+"""Training data: documents -> tokens -> packed rows -> a Grain `MapDataset` of batches.
 
 Sources (`config.data.source`):
-  stdlib: the Python standard library's source files of the running interpreter
-          (real text that every machine has; the offline default).
-  text:   UTF-8 text files; `config.data.paths` lists files, directories (searched
-          recursively for `*.txt`, `*.md`, `*.py`) and globs.
-  bin:    pre-tokenized flat token files (`.bin` raw uint16/uint32 per `config.data.dtype`,
-          or `.npy`), concatenated in the given order.
+  stdlib:      the `.py` files of the running interpreter's standard library (real text
+               that every machine has; the offline default). `max_files > 0` keeps the
+               first files in sorted order. One file is one document.
+  text:        UTF-8 text files; `paths` lists files, directories (searched recursively
+               for `TEXT_SUFFIXES`) and globs. One file is one document.
+  bin:         pre-tokenized flat token files: `.bin` raw `dtype` (uint16/uint32/int32)
+               values, or `.npy` integer arrays (any shape, flattened). A single file is
+               memory-mapped; documents end after each `eos_id` token and at each file end.
+  arrayrecord: ArrayRecord files (`paths`), one document per record. `record_format`
+               says what a record is: "text" (UTF-8 text, tokenized like `text`) or
+               "tokens" (the raw bytes of a `dtype` array, like `.bin`; a record is a
+               document, further split after `eos_id` tokens).
+A missing path, an empty glob or directory, or an unreadable file is a `UserError` naming it.
 
-Documents are tokenized (byte-level by default), joined with an EOS token between
-documents and split into a train and a held-out eval stream (a document goes to eval
-when crc32(name) % 1000 < eval_permille; for `bin` the last tokens form the eval split).
+Tokenizers (`config.data.tokenizer`, see `train.tokenizers`): "byte" (UTF-8 bytes + EOS
+256), a Hugging Face `tokenizer.json`, or a SentencePiece `.model`. Text documents are
+tokenized once at start (the whole corpus, in threaded batches) and each is followed by
+EOS. With a tokenizer file, `cache_dir` keeps the tokenized corpus on disk (keyed by the
+tokenizer and the files' sizes and mtimes), so a restart does not tokenize again. Token
+sources (bin, arrayrecord tokens) use the tokens as they are: `vocab_size` (0 -> the
+tokenizer file's vocabulary, else max token + 1) and `eos_id` (-1 -> the tokenizer file's
+EOS, else no EOS: documents end only at file/record ends); the "byte" default is ignored.
 
-Batches are a pure function of (seed, step): row r of the batch for step s is the window
-starting at a position drawn from `np.random.default_rng((seed, s))`. The data position
-is therefore the step itself, which makes resuming exact.
+Held-out split: a text document goes to eval when crc32(name) % 1000 < `eval_permille`
+(name: the path, relative to the stdlib root for `stdlib`; `path:index` for a record);
+if none does, the last document is held out. For token sources the last `eval_permille`
+thousandths of the tokens are the eval split.
+
+Packing (`pack_documents`): documents are laid out greedily, in order, into rows of
+`seq_len + 1` tokens. A document goes into the current row when it fits in the space left;
+otherwise one no longer than a row starts a new row (the rest of the old row is padding),
+and a longer one fills the rest of the current row (when at least 2 tokens are left) and
+continues in the following rows. Each continuation piece repeats the last token of the
+previous piece, so every token of a document but its first is a target exactly once.
+Within a row `segment_ids` number the pieces 1, 2, ... (0 = padding, token 0) and
+`positions` restart at 0 at every piece, continuations included (RoPE is relative, and
+positions stay below `seq_len`). An example is `inputs = row[:-1]`, `targets = row[1:]`,
+`positions`/`segment_ids` of the inputs, and `mask` (float32) = 1 where the target is a
+real token of the input's own segment (0 on padding and where the next token starts
+another document or piece). The model attends only within a segment.
+
+Batches: the packed rows, `MapDataset.shuffle(seed)` (a new permutation each epoch),
+repeated without end and batched. The batch for step s is a pure function of (seed, s): the
+data position is the step itself, so resuming is exact. With P processes each gets rows
+[p * B/P, (p+1) * B/P) of the same global batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import hashlib
+import json
 import os
 import sysconfig
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import grain
 import numpy as np
 
 from train.errors import UserError
+from train.tokenizers import ByteTokenizer, Tokenizer, make_tokenizer
 
+__all__ = [
+    "ByteTokenizer", "DataPipeline", "PackedRows", "make_tokenizer", "pack_documents",
+    "load_corpus", "stdlib_files", "expand_paths",
+]
+
+SOURCES = ("stdlib", "text", "bin", "arrayrecord")
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
+TOKEN_DTYPES = ("uint16", "uint32", "int32")
+_SCAN = 1 << 24  # tokens per chunk when scanning token files
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as tokens 0..255, plus an end-of-document token 256."""
-
-    vocab_size = 257
-    eos_id = 256
-
-    def encode(self, text: str | bytes) -> np.ndarray:
-        data = text.encode("utf-8") if isinstance(text, str) else text
-        return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
-
-    def decode(self, ids: Iterable[int]) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
-
-
-def make_tokenizer(name: str) -> ByteTokenizer:
-    if name == "byte":
-        return ByteTokenizer()
-    raise UserError(f"config.data.tokenizer={name!r} is not supported (available: 'byte')")
+# ----------------------------------------------------------------------------- files
 
 
 def stdlib_files() -> list[Path]:
     """The `.py` files of the running interpreter's standard library, sorted."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = sysconfig.get_paths()["stdlib"]
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.parts))
+    out = []
+    for d, subdirs, files in os.walk(root):
+        subdirs[:] = [s for s in subdirs if s not in skip]  # do not descend into them
+        out.extend(Path(d, f) for f in files if f.endswith(".py"))
+    return sorted(out)
 
 
 def expand_paths(paths: Iterable[str], suffixes: tuple[str, ...] | None) -> list[Path]:
-    """Files named by paths, directories (recursively) and globs; an unmatched entry is an error."""
+    """Files named by paths, directories (recursively, files with `suffixes`) and globs;
+    an entry that matches no file is a `UserError` naming it."""
+    if isinstance(paths, str):
+        paths = [paths]
     out: list[Path] = []
     for entry in paths:
         entry = os.path.expanduser(str(entry))
         if any(ch in entry for ch in "*?["):
             matches = sorted(Path(m) for m in glob.glob(entry, recursive=True))
-            if not matches:
+            files = [m for m in matches if m.is_file()]
+            if not files:
                 raise UserError(f"config.data.paths: glob {entry!r} matches no file")
-            out.extend(m for m in matches if m.is_file())
+            out.extend(files)
         elif os.path.isdir(entry):
             found = sorted(
                 p for p in Path(entry).rglob("*")
                 if p.is_file() and (suffixes is None or p.suffix in suffixes)
             )
             if not found:
-                raise UserError(f"config.data.paths: directory {entry!r} holds no {suffixes} file")
+                raise UserError(
+                    f"config.data.paths: directory {entry!r} holds no file"
+                    + (f" ending in {' '.join(suffixes)}" if suffixes else "")
+                )
             out.extend(found)
         elif os.path.isfile(entry):
             out.append(Path(entry))
         else:
             raise UserError(f"config.data.paths: {entry!r} does not exist")
     return out
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read data file {str(path)!r}: {e.strerror or e}") from e
+
+
+def _paths(data_cfg, suffixes: tuple[str, ...] | None) -> list[Path]:
+    if not data_cfg.paths:
+        raise UserError(f"config.data.paths is empty; source={data_cfg.source!r} needs files")
+    return expand_paths(data_cfg.paths, suffixes)
+
+
+def _token_dtype(data_cfg) -> np.dtype:
+    if str(data_cfg.dtype) not in TOKEN_DTYPES:
+        raise UserError(f"config.data.dtype={data_cfg.dtype!r} must be one of {TOKEN_DTYPES}")
+    return np.dtype(str(data_cfg.dtype))
+
+
+def _array_record_reader(path: Path):
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    if not os.access(path, os.R_OK):
+        raise UserError(f"cannot read ArrayRecord file {str(path)!r}")
+    try:
+        reader = ArrayRecordReader(str(path))
+        n = reader.num_records()
+    except Exception as e:  # the C++ reader raises RuntimeError/ValueError variants
+        raise UserError(f"cannot read ArrayRecord file {str(path)!r}: {e}") from e
+    if n == 0:
+        raise UserError(f"ArrayRecord file {str(path)!r} holds no records (or is not one)")
+    return reader
+
+
+def _records(path: Path) -> list[bytes]:
+    reader = _array_record_reader(path)
+    try:
+        return list(reader.read_all())
+    except Exception as e:
+        raise UserError(f"cannot read ArrayRecord file {str(path)!r}: {e}") from e
+    finally:
+        reader.close()
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+@dataclasses.dataclass(frozen=True)
+class Documents:
+    """Documents as slices `shards[shard][start : start + length]` of token arrays."""
+
+    shard: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.length)
+
+    def take(self, idx) -> Documents:
+        return Documents(self.shard[idx], self.start[idx], self.length[idx])
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Tokenized train and eval documents over shared token arrays."""
+
+    shards: list[np.ndarray]
+    train: Documents
+    eval: Documents
+    vocab_size: int
+    eos_id: int
+    tokenizer: Tokenizer | None
+
+
+def load_corpus(data_cfg) -> Corpus:
+    """Reads, tokenizes and splits the configured source (see the module docstring)."""
+    source = str(data_cfg.source)
+    if source not in SOURCES:
+        raise UserError(f"config.data.source={source!r} must be one of {', '.join(SOURCES)}")
+    permille = int(data_cfg.eval_permille)
+    if not 0 <= permille <= 1000:
+        raise UserError(f"config.data.eval_permille={permille} must be in [0, 1000]")
+    is_tokens = source == "bin" or (
+        source == "arrayrecord" and _record_format(data_cfg) == "tokens"
+    )
+    if is_tokens:
+        return _token_corpus(data_cfg, source, permille)
+    tok = make_tokenizer(data_cfg.tokenizer, str(data_cfg.get("eos_token", "")))
+    return _text_corpus(data_cfg, source, tok, permille)
+
+
+def _record_format(data_cfg) -> str:
+    fmt = str(data_cfg.get("record_format", "text"))
+    if fmt not in ("text", "tokens"):
+        raise UserError(f"config.data.record_format={fmt!r} must be 'text' or 'tokens'")
+    return fmt
+
+
+def _text_sources(data_cfg, source: str) -> list[Path]:
+    if source == "stdlib":
+        files = stdlib_files()
+        if int(data_cfg.max_files) > 0:
+            files = files[: int(data_cfg.max_files)]
+        return files
+    if source == "text":
+        return _paths(data_cfg, TEXT_SUFFIXES)
+    return _paths(data_cfg, None)  # arrayrecord
+
+
+def _iter_text_documents(source: str, files: list[Path]) -> Iterator[tuple[str, bytes]]:
+    """(name, UTF-8 bytes) of each document; the name decides the eval split."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    for f in files:
+        if source == "arrayrecord":
+            for i, rec in enumerate(_records(f)):
+                yield f"{f}:{i}", rec
+        else:
+            yield (str(f.relative_to(root)) if source == "stdlib" else str(f)), _read(f)
+
+
+def _storage_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def _text_corpus(data_cfg, source: str, tok: Tokenizer, permille: int) -> Corpus:
+    files = _text_sources(data_cfg, source)
+    cache = _cache_path(data_cfg, tok, files)
+    if cache is not None and os.path.exists(cache):
+        with np.load(cache) as z:
+            tokens, lengths, is_eval = z["tokens"], z["lengths"], z["is_eval"]
+    else:
+        tokens, lengths, is_eval = _tokenize(source, files, tok, permille)
+        if cache is not None:
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            tmp = cache + ".tmp.npz"
+            np.savez(tmp, tokens=tokens, lengths=lengths, is_eval=is_eval)
+            os.replace(tmp, cache)
+    if len(lengths) == 0:
+        raise UserError(f"config.data: source {source!r} gave no text (all files are empty)")
+    if permille > 0 and not is_eval.any() and len(lengths) > 1:
+        is_eval = is_eval.copy()
+        is_eval[-1] = True  # nothing hashed into eval: hold out the last document
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    docs = Documents(np.zeros(len(lengths), np.int32), starts, lengths.astype(np.int64))
+    return Corpus(
+        [tokens], docs.take(~is_eval), docs.take(is_eval), tok.vocab_size, tok.eos_id, tok
+    )
+
+
+def _tokenize(source, files, tok, permille, chunk: int = 512):
+    """Flat tokens (each document followed by EOS), document lengths, eval flags."""
+    dtype = _storage_dtype(tok.vocab_size)
+    eos = np.array([tok.eos_id], dtype)
+    parts: list[np.ndarray] = []
+    lengths: list[int] = []
+    is_eval: list[bool] = []
+    names: list[str] = []
+    raws: list[bytes] = []
+
+    def flush():
+        for name, ids in zip(names, tok.encode_batch(raws), strict=True):
+            parts.extend([ids.astype(dtype), eos])
+            lengths.append(len(ids) + 1)
+            is_eval.append(zlib.crc32(name.encode()) % 1000 < permille)
+        names.clear()
+        raws.clear()
+
+    for name, raw in _iter_text_documents(source, files):
+        if raw:
+            names.append(name)
+            raws.append(raw)
+            if len(raws) >= chunk:
+                flush()
+    flush()
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype)
+    return tokens, np.asarray(lengths, np.int64), np.asarray(is_eval, bool)
+
+
+def _cache_path(data_cfg, tok: Tokenizer, files: list[Path]) -> str | None:
+    """Where the tokenized corpus is cached (tokenizer files only, when `cache_dir` is set)."""
+    cache_dir = str(data_cfg.get("cache_dir", "") or "")
+    if not cache_dir or isinstance(tok, ByteTokenizer):
+        return None
+    h = hashlib.sha256()
+    st = os.stat(tok.path)
+    key = [tok.path, st.st_size, st.st_mtime_ns, tok.eos_id, int(data_cfg.eval_permille)]
+    h.update(json.dumps(key).encode())
+    for f in files:
+        st = os.stat(f)
+        h.update(json.dumps([str(f), st.st_size, st.st_mtime_ns]).encode())
+    return os.path.join(os.path.expanduser(cache_dir), f"tokens-{h.hexdigest()[:24]}.npz")
+
+
+def _token_corpus(data_cfg, source: str, permille: int) -> Corpus:
+    dtype = _token_dtype(data_cfg)
+    tok = None if str(data_cfg.tokenizer) == "byte" else make_tokenizer(
+        data_cfg.tokenizer, str(data_cfg.get("eos_token", ""))
+    )
+    eos = int(data_cfg.eos_id)
+    if eos < 0 and tok is not None:
+        eos = tok.eos_id
+    # shards: token arrays; ends: extra document ends inside a shard (record ends).
+    shards: list[np.ndarray] = []
+    ends: list[np.ndarray] = []
+    for f in _paths(data_cfg, (".bin", ".npy") if source == "bin" else None):
+        if source == "arrayrecord":
+            recs = _records(f)
+            if any(len(r) % dtype.itemsize for r in recs):
+                raise UserError(
+                    f"ArrayRecord file {str(f)!r}: a record's size is not a multiple of "
+                    f"config.data.dtype={dtype.name!r} ({dtype.itemsize} bytes)"
+                )
+            arr = np.frombuffer(b"".join(recs), dtype)
+            ends.append(np.cumsum([len(r) // dtype.itemsize for r in recs]))
+        else:
+            arr = _load_bin(f, dtype)
+            ends.append(np.array([len(arr)], np.int64))
+        shards.append(arr)
+    max_tok, eos_pos = _scan(shards, eos)
+    vocab = int(data_cfg.vocab_size)
+    if vocab <= 0:
+        vocab = tok.vocab_size if tok is not None else max(max_tok, eos) + 1
+    if max_tok >= vocab or eos >= vocab:
+        raise UserError(
+            f"config.data.vocab_size={vocab} is too small: the tokens go up to {max_tok}"
+            + (f" and eos_id={eos}" if eos >= vocab else "")
+        )
+    total = sum(len(s) for s in shards)
+    if total == 0:
+        raise UserError(f"config.data.paths: source {source!r} holds no tokens")
+    cut = total - total * permille // 1000
+    shard_ids, starts, lengths, evals = [], [], [], []
+    offset = 0
+    for k, arr in enumerate(shards):
+        bounds = np.concatenate([eos_pos[k], ends[k]])
+        if offset < cut < offset + len(arr):
+            bounds = np.append(bounds, cut - offset)
+        bounds = np.unique(bounds[(bounds > 0) & (bounds <= len(arr))])
+        begin = np.concatenate([[0], bounds[:-1]])
+        shard_ids.append(np.full(len(bounds), k, np.int32))
+        starts.append(begin)
+        lengths.append(bounds - begin)
+        evals.append(offset + begin >= cut)
+        offset += len(arr)
+    docs = Documents(
+        np.concatenate(shard_ids), np.concatenate(starts).astype(np.int64),
+        np.concatenate(lengths).astype(np.int64),
+    )
+    is_eval = np.concatenate(evals)
+    return Corpus(shards, docs.take(~is_eval), docs.take(is_eval), vocab, eos, tok)
+
+
+def _load_bin(path: Path, dtype: np.dtype) -> np.ndarray:
+    if not os.access(path, os.R_OK):
+        raise UserError(f"cannot read data file {str(path)!r}")
+    try:
+        if path.suffix == ".npy":
+            arr = np.load(path, mmap_mode="r")
+            if not np.issubdtype(arr.dtype, np.integer):
+                raise UserError(f"data file {str(path)!r} holds {arr.dtype} values, not tokens")
+            return arr.reshape(-1)
+        size = path.stat().st_size
+        if size % dtype.itemsize:
+            raise UserError(
+                f"data file {str(path)!r} has {size} bytes, not a multiple of "
+                f"config.data.dtype={dtype.name!r} ({dtype.itemsize} bytes)"
+            )
+        if size == 0:
+            return np.zeros(0, dtype)
+        return np.memmap(path, dtype=dtype, mode="r")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read data file {str(path)!r}: {e}") from e
+
+
+def _scan(shards: list[np.ndarray], eos: int) -> tuple[int, list[np.ndarray]]:
+    """Largest token, and per shard the positions just after each EOS (chunked)."""
+    max_tok, eos_pos = -1, []
+    for arr in shards:
+        found = []
+        for i in range(0, len(arr), _SCAN):
+            part = np.asarray(arr[i : i + _SCAN])
+            if part.min() < 0:
+                raise UserError("the token files hold negative values: check config.data.dtype")
+            max_tok = max(max_tok, int(part.max()))
+            if eos >= 0:
+                found.append(np.flatnonzero(part == eos) + (i + 1))
+        eos_pos.append(np.concatenate(found) if found else np.zeros(0, np.int64))
+    return max_tok, eos_pos
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """Row r holds pieces `row_ptr[r] : row_ptr[r+1]`; piece i is tokens
+    `[offset[i], offset[i] + length[i])` of document `doc[i]`."""
+
+    doc: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+    row_ptr: np.ndarray
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_ptr) - 1
+
+
+def pack_documents(lengths: np.ndarray, width: int) -> Packing:
+    """Greedy in-order packing of documents of `lengths` into rows of `width` tokens (the
+    rules are in the module docstring). One Python iteration per document; the pieces of a
+    long document are laid out vectorized."""
+    if width < 2:
+        raise UserError(f"config.data.seq_len={width - 1} must be >= 1")
+    pending: tuple[list[int], ...] = ([], [], [], [])  # doc, offset, length, row
+    blocks: list[tuple[np.ndarray, ...]] = []
+
+    def flush():
+        if pending[0]:
+            blocks.append(tuple(np.asarray(c, np.int64) for c in pending))
+            for c in pending:
+                c.clear()
+
+    row, used = 0, 0
+    for d, n in enumerate(np.asarray(lengths, np.int64).tolist()):
+        if n <= 0:
+            continue
+        if n > width - used and (n <= width or width - used < 2) and used:
+            row, used = row + 1, 0  # start a new row
+        if n <= width - used:
+            for c, v in zip(pending, (d, 0, n, row), strict=True):
+                c.append(v)
+            used += n
+            continue
+        # Longer than the rest of the row: the first piece fills it, each further piece
+        # (one row each) starts at the last token of the previous one.
+        first = width - used
+        rest = n - (first - 1)
+        k = 1 if rest <= width else 1 + -(-(rest - width) // (width - 1))
+        starts = first - 1 + (width - 1) * np.arange(k, dtype=np.int64)
+        flush()
+        blocks.append((
+            np.full(k + 1, d, np.int64),
+            np.concatenate([[0], starts]),
+            np.concatenate([[first], np.minimum(width, n - starts)]),
+            row + np.arange(k + 1, dtype=np.int64),
+        ))
+        row, used = row + k, int(n - starts[-1])
+    flush()
+    if not blocks:
+        return Packing(*(np.zeros(0, np.int64),) * 3, np.zeros(1, np.int64))
+    doc, offset, length, rows = (np.concatenate(col) for col in zip(*blocks, strict=True))
+    row_ptr = np.searchsorted(rows, np.arange(row + 2), side="left")
+    return Packing(doc, offset, length, row_ptr.astype(np.int64))
+
+
+class PackedRows:
+    """A Grain random-access source: row r -> `tokens`, `segment_ids`, `positions`
+    (int32 `[width]`) of the packed documents."""
+
+    def __init__(self, shards: list[np.ndarray], docs: Documents, width: int):
+        self.shards, self.docs, self.width = shards, docs, width
+        self.packing = pack_documents(docs.length, width)
+
+    def __len__(self) -> int:
+        return self.packing.num_rows
+
+    def __getitem__(self, r: int) -> dict[str, np.ndarray]:
+        p, d, w = self.packing, self.docs, self.width
+        tokens = np.zeros(w, np.int32)
+        segment_ids = np.zeros(w, np.int32)
+        positions = np.zeros(w, np.int32)
+        at = 0
+        for seg, i in enumerate(range(p.row_ptr[r], p.row_ptr[r + 1]), start=1):
+            doc, n = p.doc[i], int(p.length[i])
+            start = d.start[doc] + p.offset[i]
+            tokens[at : at + n] = self.shards[d.shard[doc]][start : start + n]
+            segment_ids[at : at + n] = seg
+            positions[at : at + n] = np.arange(n)
+            at += n
+        return {"tokens": tokens, "segment_ids": segment_ids, "positions": positions}
+
+    def fill(self) -> float:
+        """Fraction of row slots holding tokens (the rest is padding)."""
+        return float(self.packing.length.sum()) / max(len(self) * self.width, 1)
+
+
+def to_example(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A packed row -> `inputs`, `targets`, `positions`, `segment_ids` (int32) and `mask`
+    (float32), each `[width - 1]`."""
+    seg = row["segment_ids"]
+    return {
+        "inputs": row["tokens"][:-1],
+        "targets": row["tokens"][1:],
+        "positions": row["positions"][:-1],
+        "segment_ids": seg[:-1],
+        "mask": ((seg[:-1] != 0) & (seg[1:] == seg[:-1])).astype(np.float32),
+    }
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+class DataPipeline:
+    """Packed, shuffled, process-local batches as a pure function of (seed, step).
+
+    `batch(step)` and `eval_batches(n)` return numpy dicts (`inputs`, `targets`,
+    `positions`, `segment_ids`, `mask`, each `[global_batch / process_count, seq_len]`)
+    holding rows `[process_index * B/P, (process_index + 1) * B/P)` of the global batch.
+    """
+
+    def __init__(
+        self,
+        data_cfg,
+        seq_len: int,
+        global_batch: int,
+        seed: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        seq_len, global_batch = int(seq_len), int(global_batch)
+        if seq_len < 1:
+            raise UserError(f"config.data.seq_len={seq_len} must be >= 1")
+        if global_batch < 1 or global_batch % process_count:
+            raise UserError(
+                f"config.data.batch_size={global_batch} must be a positive multiple of the "
+                f"number of processes ({process_count})"
+            )
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        self.seq_len, self.global_batch, self.seed = seq_len, global_batch, int(seed)
+        self.process_index, self.process_count = int(process_index), int(process_count)
+        self.local_batch = global_batch // process_count
+        self.source = str(data_cfg.source)
+        self.corpus = corpus = load_corpus(data_cfg)
+        self.tokenizer = corpus.tokenizer
+        self.vocab_size, self.eos_id = corpus.vocab_size, corpus.eos_id
+        self.train_rows = PackedRows(corpus.shards, corpus.train, seq_len + 1)
+        self.eval_rows = PackedRows(corpus.shards, corpus.eval, seq_len + 1)
+        if len(self.train_rows) == 0:
+            raise UserError(f"config.data: source {self.source!r} gave no training tokens")
+        self._train = (
+            grain.MapDataset.source(self.train_rows)
+            .shuffle(seed=self.seed % 2**32)
+            .repeat(None)
+            .map(to_example)
+            .batch(self.local_batch, drop_remainder=True)
+        )
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        """This process's rows of the global batch for `step`."""
+        return self._train[int(step) * self.process_count + self.process_index]
+
+    def batches(self, start_step: int = 0, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+        """`batch(start_step)`, `batch(start_step + 1)`, ... built ahead in Grain threads."""
+        ds = self._train.slice(
+            slice(int(start_step) * self.process_count + self.process_index, None,
+                  self.process_count)
+        )
+        opts = grain.ReadOptions(num_threads=max(prefetch, 1), prefetch_buffer_size=prefetch)
+        return iter(ds.to_iter_dataset(opts))
+
+    def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
+        """The first `n` batches of the eval rows in order (fewer when the split has fewer
+        rows; rows are reused when it has less than one batch): the same on every call."""
+        rows = len(self.eval_rows)
+        if rows == 0:
+            raise UserError("the eval split is empty: raise config.data.eval_permille")
+        n = min(int(n), max(1, rows // self.global_batch))
+        ds = (
+            grain.MapDataset.source(self.eval_rows)
+            .repeat(None)
+            .map(to_example)
+            .batch(self.local_batch, drop_remainder=True)
+        )
+        return [ds[i * self.process_count + self.process_index] for i in range(n)]
+
+    def summary(self) -> str:
+        """One line for the run log."""
+        c = self.corpus
+        return (
+            f"data: {self.source}, {len(c.train)} train / {len(c.eval)} eval documents, "
+            f"{int(c.train.length.sum()):,} train tokens in {len(self.train_rows):,} rows of "
+            f"{self.seq_len + 1} ({self.train_rows.fill():.0%} filled), vocab "
+            f"{self.vocab_size}, eos {self.eos_id}"
+        )
+
+
+# ----------------------------------------------------------------------------- legacy
+# The stream API used by train/loop.py until it switches to DataPipeline.
 
 
 @dataclasses.dataclass
@@ -96,73 +625,29 @@ class TokenData:
     eos_id: int
 
 
-def _is_eval(name: str, permille: int) -> bool:
-    return zlib.crc32(name.encode()) % 1000 < permille
+def _stream(shards: list[np.ndarray], docs: Documents) -> np.ndarray:
+    parts = [shards[k][s : s + n] for k, s, n in zip(docs.shard, docs.start, docs.length, strict=True)]
+    return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
 
 
 def load_tokens(data_cfg) -> TokenData:
-    """Loads and tokenizes the configured source into train/eval streams."""
-    source = data_cfg.source
-    permille = int(data_cfg.eval_permille)
-    if source == "bin":
-        if not data_cfg.paths:
-            raise UserError("config.data.paths is empty; source='bin' needs token files")
-        arrays = []
-        for p in expand_paths(data_cfg.paths, (".bin", ".npy")):
-            if p.suffix == ".npy":
-                arr = np.load(p, mmap_mode="r")
-            else:
-                try:
-                    arr = np.memmap(p, dtype=np.dtype(data_cfg.dtype), mode="r")
-                except (TypeError, ValueError) as e:
-                    raise UserError(f"config.data.dtype={data_cfg.dtype!r}: {e}") from e
-            arrays.append(np.asarray(arr).reshape(-1))
-        tokens = np.concatenate(arrays).astype(np.int32)
-        vocab = int(data_cfg.vocab_size) if data_cfg.vocab_size > 0 else int(tokens.max()) + 1
-        n_eval = max(len(tokens) * permille // 1000, 0)
-        split = len(tokens) - n_eval
-        return TokenData(tokens[:split], tokens[split:], vocab, int(data_cfg.eos_id))
-
-    tok = make_tokenizer(data_cfg.tokenizer)
-    if source == "stdlib":
-        files = stdlib_files()
-        if data_cfg.max_files > 0:
-            files = files[: int(data_cfg.max_files)]
-    elif source == "text":
-        if not data_cfg.paths:
-            raise UserError("config.data.paths is empty; source='text' needs files or directories")
-        files = expand_paths(data_cfg.paths, TEXT_SUFFIXES)
-    else:
-        raise UserError(f"config.data.source={source!r} must be one of 'stdlib', 'text', 'bin'")
-    train_parts: list[np.ndarray] = []
-    eval_parts: list[np.ndarray] = []
-    eos = np.array([tok.eos_id], np.int32)
-    for f in files:
-        try:
-            raw = f.read_bytes()
-        except OSError as e:
-            raise UserError(f"cannot read data file {str(f)!r}: {e}") from e
-        if not raw:
-            continue
-        dst = eval_parts if _is_eval(str(f), permille) else train_parts
-        dst.extend([tok.encode(raw), eos])
-    if not train_parts:
-        raise UserError(f"config.data: source {source!r} gave no training text")
-    train = np.concatenate(train_parts)
-    ev = np.concatenate(eval_parts) if eval_parts else train[-(len(train) // 100 + 2):]
-    return TokenData(train, ev, tok.vocab_size, tok.eos_id)
+    """The corpus as concatenated train/eval token streams (legacy)."""
+    c = load_corpus(data_cfg)
+    train = _stream(c.shards, c.train)
+    ev = _stream(c.shards, c.eval)
+    if len(ev) == 0:
+        ev = train[-(len(train) // 100 + 2) :]
+    return TokenData(train, ev, c.vocab_size, c.eos_id)
 
 
 def batch_at(
     tokens: np.ndarray, step: int, batch_size: int, seq_len: int, seed: int
 ) -> dict[str, np.ndarray]:
-    """The batch for `step`: `inputs`, `targets` `[batch, seq_len]` int32 (targets shifted by one).
-
-    Deterministic in (seed, step), independent of what was drawn before.
-    """
+    """Random windows of a stream for `step` (legacy): `inputs`, `targets` `[batch, seq_len]`."""
     if len(tokens) < seq_len + 2:
         raise UserError(
-            f"the token stream has {len(tokens)} tokens, fewer than config.data.seq_len+2={seq_len + 2}"
+            f"the token stream has {len(tokens)} tokens, fewer than config.data.seq_len+2="
+            f"{seq_len + 2}"
         )
     rng = np.random.default_rng((int(seed), int(step)))
     starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
@@ -174,7 +659,7 @@ def batch_at(
 def eval_batches(
     tokens: np.ndarray, n_batches: int, batch_size: int, seq_len: int
 ) -> list[dict[str, np.ndarray]]:
-    """Fixed, non-overlapping held-out windows (the same every eval)."""
+    """Fixed, non-overlapping held-out windows of a stream (legacy)."""
     need = seq_len + 1
     total = min(n_batches * batch_size, max((len(tokens) - 1) // need, 0))
     total -= total % batch_size

@@ -24,6 +24,7 @@ import optim
 from model import LOGICAL_RULES, ModelConfig, Transformer
 from model.sharding import batch_sharding, logical_to_sharding, make_mesh
 from train import data as data_lib
+from train import distributed
 from train.checkpoint import Checkpointer, abstract_like
 from train.errors import UserError
 from train.metrics import MetricWriter, to_python
@@ -46,12 +47,43 @@ def build_mesh(config: ConfigDict):
         raise UserError(f"config.mesh: {e}") from e
 
 
+def _path_keys(path) -> tuple[str, ...]:
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+    return tuple(out)
+
+
+def opt_state_shardings(
+    abstract_opt_state: Any, abstract_params: Any, param_shardings: Any, replicated
+) -> Any:
+    """Shardings for an optax state: a leaf whose path ends with a parameter's path and
+    has its shape (Adam moments, Muon momentum, ... mirror the parameter tree) takes that
+    parameter's sharding; everything else (step counters) is replicated."""
+    flat_s = jax.tree_util.tree_flatten_with_path(param_shardings)[0]
+    flat_p = jax.tree.leaves(abstract_params)
+    by_path = {_path_keys(p): (s, a.shape) for (p, s), a in zip(flat_s, flat_p, strict=True)}
+
+    def pick(path, leaf):
+        keys = _path_keys(path)
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and tuple(hit[1]) == tuple(leaf.shape):
+                return hit[0]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
+
+
 def init_state(model: Transformer, tx, mesh, seed: int, seq_len: int) -> TrainState:
-    """A fresh `TrainState` with every array placed in its sharding on `mesh`.
+    """A fresh `TrainState` with every array created directly in its sharding on `mesh`
+    (works unchanged when the mesh spans several processes).
 
     Parameters are sharded by their logical axes (`model.sharding.LOGICAL_RULES`); the
-    optimizer state is initialized under `jit` from the sharded parameters, so each moment
-    inherits its parameter's sharding.
+    optimizer state's moments take their parameter's sharding; scalars are replicated.
     """
     rng = jax.random.PRNGKey(seed)
     dummy = jnp.zeros((1, seq_len), jnp.int32)
@@ -66,21 +98,26 @@ def init_state(model: Transformer, tx, mesh, seed: int, seq_len: int) -> TrainSt
 
     _init = jax.jit(_init, out_shardings=(param_shardings, bias_shardings))
     params, router_bias = _init(jax.random.fold_in(rng, 1))
-    opt_state = jax.jit(tx.init)(params)
-    # Leaves that did not inherit a parameter's sharding (step counters) are replicated.
-    mesh_devices = set(mesh.devices.flat)
-    opt_state = jax.tree.map(
-        lambda x: x if set(x.sharding.device_set) == mesh_devices else jax.device_put(x, replicated),
-        opt_state,
-    )
+    abstract_opt = jax.eval_shape(tx.init, params)
+    opt_shardings = opt_state_shardings(abstract_opt, params, param_shardings, replicated)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+    step, key, bad = jax.jit(
+        lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed), jnp.zeros((), jnp.int32)),
+        out_shardings=replicated,
+    )()
     return TrainState(
-        step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-        params=params,
-        opt_state=opt_state,
-        router_bias=router_bias,
-        rng=jax.device_put(rng, replicated),
-        bad_steps=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        step=step, params=params, opt_state=opt_state, router_bias=router_bias, rng=key,
+        bad_steps=bad,
     )
+
+
+def global_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
+    """Places a host batch (identical on every process) into its sharding: each process
+    supplies only the slices its own devices hold."""
+    return {
+        k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
+        for k, v in batch.items()
+    }
 
 
 def _state_summary(cfg: ModelConfig, state: TrainState, mesh) -> str:
@@ -116,6 +153,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
     """Trains per `config`; returns the last logged metrics. Resumes from the latest
     checkpoint in `config.workdir/checkpoints` when there is one."""
     cfg = model_config(config)
+    distributed.initialize(config.get("distributed"))
+    lead = jax.process_index() == 0  # the process that writes logs and prints
     steps = int(config.train.steps)
     if steps <= 0:
         raise UserError(f"config.train.steps={steps} must be > 0")
@@ -158,11 +197,15 @@ def run(config: ConfigDict) -> dict[str, Any]:
         start = ckpt.latest_step()
         if start is not None:
             state = ckpt.restore(abstract_like(state))
-            print(f"resumed from {ckpt.directory} at step {int(state.step)}")
-            drop_metrics_after(workdir, int(state.step))
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
-        print(_state_summary(cfg, state, mesh))
+            if lead:
+                print(f"resumed from {ckpt.directory} at step {int(state.step)}")
+                drop_metrics_after(workdir, int(state.step))
+        if lead:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json(indent=2))
+        summary = _state_summary(cfg, state, mesh)
+        if lead:
+            print(summary)
 
         shardings = jax.tree.map(lambda x: x.sharding, state)
         data_sharding = batch_sharding(mesh)
@@ -191,13 +234,13 @@ def run(config: ConfigDict) -> dict[str, Any]:
         )
         eval_fn = jax.jit(make_eval_step(model), in_shardings=(shardings, batch_shardings))
 
-        writer = MetricWriter(workdir)
+        writer = MetricWriter(workdir, enabled=lead)
         log_every = max(int(config.train.log_every), 1)
         eval_every = int(config.train.eval_every)
         max_bad = int(config.train.max_bad_steps)
         ckpt_every = max(int(config.checkpoint.every), 1)
         first = int(state.step)
-        bar = tqdm(total=steps, initial=first, disable=not config.train.progress,
+        bar = tqdm(total=steps, initial=first, disable=not (config.train.progress and lead),
                    dynamic_ncols=True, desc="train")
         last: dict[str, Any] = {}
         preempted: list[str] = []
@@ -206,11 +249,11 @@ def run(config: ConfigDict) -> dict[str, Any]:
         metrics = None
         for step in range(first, steps):
             batch = data_lib.batch_at(tokens.train, step, bsz, seq, int(config.seed))
-            batch = jax.device_put(batch, batch_shardings)
+            batch = global_batch(batch, batch_shardings)
             state, metrics = step_fn(state, batch)
             tok0 += bsz * seq
             done = step + 1
-            if done % log_every == 0 or done == steps or preempted:
+            if done % log_every == 0 or done == steps:
                 if max_bad and int(state.bad_steps) >= max_bad:
                     ckpt.close()
                     raise UserError(
@@ -228,18 +271,34 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
                 t0, tok0 = time.perf_counter(), 0
             bar.update(1)
-            if done % ckpt_every == 0 or done == steps or preempted:
+            stop = _should_stop(preempted, done % log_every == 0)
+            if done % ckpt_every == 0 or done == steps or stop:
                 ckpt.save(done, state, force=True)
-            if preempted:
-                print(f"\nreceived {preempted[0]}: saved step {done}; rerun the command to resume")
+            if stop:
+                if lead:
+                    print(f"\nreceived {stop}: saved step {done}; rerun the command to resume")
                 break
         bar.close()
         restore_signals()
         ckpt.close()
         writer.close()
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-        json.dump(last, f, indent=2)
+    if lead:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump(last, f, indent=2)
     return last
+
+
+def _should_stop(flag: list[str], sync_point: bool) -> str:
+    """The preemption decision, identical on every process: single-process runs read the
+    local flag every step; multi-process runs agree (any process signalled) at log steps."""
+    if jax.process_count() == 1:
+        return flag[0] if flag else ""
+    if not sync_point:
+        return ""
+    from jax.experimental import multihost_utils
+
+    any_flag = multihost_utils.process_allgather(np.array([1 if flag else 0], np.int32))
+    return "a preemption signal" if int(np.max(any_flag)) else ""
 
 
 def _on_preemption(flag: list[str]):
@@ -287,7 +346,7 @@ def drop_metrics_after(workdir: str, step: int) -> None:
 def _evaluate(eval_fn, state, eval_sets, shardings) -> float:
     total, count = 0.0, 0.0
     for b in eval_sets:
-        out = eval_fn(state, jax.device_put(b, shardings))
+        out = eval_fn(state, global_batch(b, shardings))
         total += float(out["loss_sum"])
         count += float(out["tokens"])
     return total / max(count, 1.0)

@@ -1,0 +1,73 @@
+"""2 processes x 4 CPU devices on localhost train exactly like 1 process x 8 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+COMMON = [
+    "--config", "configs/tiny.py",
+    "--config.model.d_model=48", "--config.model.n_layers=2", "--config.model.n_heads=2",
+    "--config.model.q_lora_rank=0", "--config.model.kv_lora_rank=16",
+    "--config.model.qk_nope_head_dim=16", "--config.model.qk_rope_head_dim=8",
+    "--config.model.v_head_dim=16", "--config.model.ffn_dim=96",
+    "--config.model.n_routed_experts=4", "--config.model.moe_ffn_dim=32",
+    "--config.model.max_seq_len=64",
+    "--config.data.max_files=40", "--config.data.seq_len=32", "--config.data.batch_size=8",
+    "--config.train.steps=6", "--config.train.log_every=2", "--config.train.eval_every=6",
+    "--config.train.eval_batches=1", "--config.train.progress=False",
+    "--config.optim.total_steps=16", "--config.optim.warmup_steps=2",
+    "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.expert=2",
+]
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _metrics(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_processes_match_one(tmp_path):
+    single = tmp_path / "single"
+    r = subprocess.run([sys.executable, "-m", "train", *COMMON, f"--config.workdir={single}"],
+                       cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    multi = tmp_path / "multi"
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "train", *COMMON, f"--config.workdir={multi}",
+             f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+             "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+            cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "8 cpu device(s)" in outs[0][0]
+    a, b = _metrics(single), _metrics(multi)
+    assert [x["step"] for x in a] == [x["step"] for x in b] == [2, 4, 6]
+    np.testing.assert_allclose([x["loss"] for x in a], [x["loss"] for x in b], rtol=1e-5)
+    np.testing.assert_allclose(a[-1]["eval_loss"], b[-1]["eval_loss"], rtol=1e-5)
