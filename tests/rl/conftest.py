@@ -4,6 +4,7 @@ models with random parameters built without compiling the initializers."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +43,7 @@ def _fill(abstract, seed: int, gain: float):
 def _tiny(cfg: ModelConfig, seed: int = 0, gain: float = 1.5):
     model = Transformer(cfg)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
-    return model, _fill(abstract, seed, gain)
+    return model, nn.unbox(_fill(abstract, seed, gain))
 
 
 @pytest.fixture(scope="session")
@@ -53,5 +54,6 @@ def jit():
 
 @pytest.fixture(scope="session")
 def tiny():
-    """`tiny(cfg, seed=0, gain=1.5) -> (model, variables)` with random parameters, cached."""
+    """`tiny(cfg, seed=0, gain=1.5) -> (model, variables)` with random (unboxed) parameters,
+    cached per config."""
     return _tiny
