@@ -53,8 +53,8 @@ def _setup(cfg: ModelConfig, seed: int = 0, gain: float = 1.5):
 
 
 @pytest.fixture(scope="session")
-def setup():
-    """`setup(cfg, seed=0, gain=1.5) -> (model, variables, jitted forward)`, cached per config.
+def make_model():
+    """`make_model(cfg, seed=0, gain=1.5) -> (model, variables, jitted forward)`, cached per config.
 
     The forward is `fwd(variables, tokens, positions=None, segment_ids=None) -> (logits, aux)`.
     """

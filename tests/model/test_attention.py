@@ -13,7 +13,7 @@ from flax import linen as nn
 from model import ModelConfig, init_cache
 from model.layers import apply_rope
 
-# Parameters come from the `setup` fixture (conftest.py): random with gain 1.5, so attention is
+# Parameters come from the `make_model` fixture (conftest.py): random with gain 1.5, so attention is
 # far from uniform and position/mask bugs show.
 MHA = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=32)
 GQA = MHA.replace(n_kv_heads=2)
@@ -41,8 +41,8 @@ def _full(fwd, variables, tokens):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_causal(setup, name):
-    model, variables, fwd = setup(CONFIGS[name])
+def test_causal(make_model, name):
+    model, variables, fwd = make_model(CONFIGS[name])
     tokens = _tokens((B, T))
     changed = tokens.at[:, 9].set((tokens[:, 9] + 17) % 128)
     a, _ = _full(fwd, variables, tokens)
@@ -53,11 +53,11 @@ def test_causal(setup, name):
 
 
 @pytest.mark.parametrize("name", ["gqa", "mla_moe"])
-def test_packed_segments_equal_separate_documents(setup, name):
+def test_packed_segments_equal_separate_documents(make_model, name):
     """Row 0 packs doc1 (5 tokens) and doc2 (11 tokens) with segment ids and restarting
     positions; rows 1 and 2 hold doc1 and doc2 alone (followed by filler, which causality
     keeps out of their logits), so everything runs in one compiled [3, 16] forward."""
-    model, variables, fwd = setup(CONFIGS[name])
+    model, variables, fwd = make_model(CONFIGS[name])
     doc1, doc2, filler = _tokens((5,), seed=2), _tokens((11,), seed=3), _tokens((11,), seed=9)
     tokens = jnp.stack([
         jnp.concatenate([doc1, doc2]),
@@ -99,12 +99,12 @@ DECODE_CASES = {
     [("mha", False), ("gqa", True), ("mqa", False), ("gqa_qknorm_bias_tied", False),
      ("mla_qlora", False), ("mla_moe", True)],
 )
-def test_cached_decode_equals_full_forward(setup, jit, name, scan):
+def test_cached_decode_equals_full_forward(make_model, jit, name, scan):
     """Prefill 8 tokens per row, then decode token by token; the rows sit at different
     positions (prompts of 5, 8 and 2 tokens). The prefill slots past a row's prompt hold
     other tokens: the decode mask must hide them until decoding overwrites them."""
     cfg = DECODE_CASES[name].replace(scan_layers=scan)
-    model, variables, fwd = setup(cfg)
+    model, variables, fwd = make_model(cfg)
     tokens = _tokens((B, T), seed=4)
     full, _ = _full(fwd, variables, tokens)
     full = np.asarray(full)
@@ -131,9 +131,9 @@ def test_cached_decode_equals_full_forward(setup, jit, name, scan):
 
 
 @pytest.mark.parametrize("scan", [False, True])
-def test_mla_cache_holds_only_latent_and_rope_key(setup, scan):
+def test_mla_cache_holds_only_latent_and_rope_key(make_model, scan):
     cfg = MLA_MOE.replace(scan_layers=scan)
-    model, variables, _ = setup(cfg)
+    model, variables, _ = make_model(cfg)
     b, s, r, rope = 3, cfg.max_seq_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim
     cache = init_cache(model, variables, b)
     leaves = jax.tree_util.tree_leaves_with_path(cache)
@@ -211,9 +211,9 @@ def _np_one_layer_mha(cfg, params, tokens):
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
-def test_one_layer_forward_and_max_logits_match_numpy(setup, n_kv_heads):
+def test_one_layer_forward_and_max_logits_match_numpy(make_model, n_kv_heads):
     cfg = MHA.replace(n_layers=1, n_kv_heads=n_kv_heads)
-    model, variables, fwd = setup(cfg, seed=3)
+    model, variables, fwd = make_model(cfg, seed=3)
     tokens = _tokens((2, 10), seed=6)
     logits, aux = fwd(variables, tokens)
     ref_logits, ref_max = _np_one_layer_mha(cfg, variables["params"], tokens)
@@ -224,9 +224,9 @@ def test_one_layer_forward_and_max_logits_match_numpy(setup, n_kv_heads):
     assert len(np.unique(np.round(ref_max, 4))) == cfg.n_heads
 
 
-def test_mla_max_logits_match_numpy(setup):
+def test_mla_max_logits_match_numpy(make_model):
     cfg = MLA.replace(n_layers=1)
-    model, variables, fwd = setup(cfg, seed=4)
+    model, variables, fwd = make_model(cfg, seed=4)
     tokens = _tokens((2, 9), seed=7)
     _, aux = fwd(variables, tokens)
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), nn.unbox(variables["params"]))

@@ -291,9 +291,9 @@ TINY_MOE = ModelConfig(vocab_size=64, d_model=D, n_layers=3, n_heads=2, ffn_dim=
 
 
 @pytest.mark.parametrize("scan", [False, True])
-def test_update_router_biases_per_layer(scan, setup):
+def test_update_router_biases_per_layer(scan, make_model):
     cfg = TINY_MOE.replace(scan_layers=scan)
-    model, variables, fwd = setup(cfg)
+    model, variables, fwd = make_model(cfg)
     rb = variables["router_bias"]
     paths = moe_bias_paths(cfg)
     if scan:
@@ -315,12 +315,12 @@ def test_update_router_biases_per_layer(scan, setup):
 
 
 @pytest.mark.parametrize("scan", [False, True])
-def test_moe_load_rows_follow_layer_order(scan, setup):
+def test_moe_load_rows_follow_layer_order(scan, make_model):
     """A huge bias on expert 3 of the *second* MoE layer only sends every token there:
     row 1 of aux['moe_load'] must show it, row 0 must not, and the update must push that
     layer's expert 3 down."""
     cfg = TINY_MOE.replace(scan_layers=scan)
-    model, variables, fwd = setup(cfg)
+    model, variables, fwd = make_model(cfg)
     rb = jax.tree.map(lambda a: a, variables["router_bias"])
     if scan:
         rb["moe_stack"]["moe"]["bias"] = rb["moe_stack"]["moe"]["bias"].at[1, 3].set(100.0)
@@ -338,10 +338,10 @@ def test_moe_load_rows_follow_layer_order(scan, setup):
     assert float(b[1, 3]) == 100.0 - 0.25
 
 
-def test_transformer_moe_forward_reports_loads_and_drops(setup):
+def test_transformer_moe_forward_reports_loads_and_drops(make_model):
     # A small capacity in a full model: moe_dropped reports a fraction per MoE layer.
     cfg = TINY_MOE.replace(capacity_factor=0.5)
-    _, variables, fwd = setup(cfg)
+    _, variables, fwd = make_model(cfg)
     tokens = jnp.asarray(np.random.default_rng(11).integers(0, 64, (2, 8)), jnp.int32)
     _, aux = fwd(variables, tokens)
     dropped = np.asarray(aux["moe_dropped"])

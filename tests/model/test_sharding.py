@@ -53,8 +53,8 @@ def _split_axes(spec: P, mesh) -> set[str]:
     ],
     ids=["mla_moe_dp_fsdp_ep", "mla_moe_scan_dp_fsdp_ep", "gqa_dp_tp", "gqa_fsdp_tp"],
 )
-def test_sharded_forward_equals_single_device(cfg, mesh_shape, split_params, setup, jit):
-    model, variables, fwd = setup(cfg)
+def test_sharded_forward_equals_single_device(cfg, mesh_shape, split_params, make_model, jit):
+    model, variables, fwd = make_model(cfg)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 128, (8, 8)), jnp.int32)
     ref_logits, ref_aux = fwd(variables, tokens)
 
