@@ -220,7 +220,7 @@ def scale_by_muon(
 
     def init_fn(params: optax.Params) -> ScaleByMuonState:
         axes_tree(params)  # validates shapes and specs early, naming the offending leaf
-        mu = jax.tree.map(lambda p: jnp.zeros(p.shape, mu_dtype or p.dtype), params)
+        mu = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype or p.dtype), params)
         return ScaleByMuonState(count=jnp.zeros([], jnp.int32), mu=mu)
 
     def update_fn(

@@ -139,3 +139,37 @@ def test_errors_name_the_key(plain):
     mup_moon.mup.enabled = True
     with pytest.raises(ValueError, match="spectral"):
         optim.build(mup_moon, plain)
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_sharded_step_equals_unsharded(scanned, axis_type):
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    params = _random_like(scanned, 9)
+    grads = _random_like(params, 10)
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), (getattr(AxisType, axis_type),) * 3)
+
+    def spec(kp, x):
+        path = join(path_names(kp))
+        if "/experts/" in path:  # [L, E, in, out]: experts over fsdp, columns over tensor
+            return NamedSharding(mesh, P(None, "fsdp", None, "tensor"))
+        if x.ndim >= 2 and x.shape[-1] % 2 == 0:
+            return NamedSharding(mesh, P(*([None] * (x.ndim - 2)), "fsdp", "tensor"))
+        return NamedSharding(mesh, P())
+
+    shardings = jax.tree_util.tree_map_with_path(spec, params)
+    cfg = _config(name="muon")
+    tx = optim.build(cfg, params)
+
+    def step(p, g):
+        s = tx.init(p)
+        u, s = tx.update(g, s, p)
+        u, s = tx.update(g, s, optax.apply_updates(p, u))
+        return u
+
+    want = jax.jit(step)(params, grads)
+    got = jax.jit(step, out_shardings=shardings)(
+        jax.device_put(params, shardings), jax.device_put(grads, shardings)
+    )
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got, want)
