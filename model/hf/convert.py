@@ -629,6 +629,7 @@ def save(
         nonzero router biases (Qwen3-MoE has none).
     """
     cfg = config
+    variables = nn.unbox(variables)
     dtype = dtype or cfg.param_dtype
     family = export_family(cfg)
     layout = Layout(family, rope_interleave=family == "deepseek_v3")

@@ -187,9 +187,10 @@ def test_greedy_decode_matches_generate(hf_case, jit, name):
     np.testing.assert_allclose(np.stack(logits, axis=1), ref_logits, atol=TOL, rtol=0)
 
 
-def test_sharded_scanned_load(hf_case):
+def test_sharded_scanned_load(hf_case, tmp_path):
     """With a mesh, every array lands in the sharding of its logical axes (router biases
-    replicated); with scan_layers=True, the stacks hold the layers in order."""
+    replicated); with scan_layers=True, the stacks hold the layers in order, and saving the
+    sharded, stacked arrays writes the same checkpoint back."""
     _, path = hf_case("deepseek_v3")
     _, plain = hf.load(path)
     mesh = make_mesh({"fsdp": 2, "tensor": 2, "expert": 2})
@@ -212,6 +213,35 @@ def test_sharded_scanned_load(hf_case):
                 ref = jax.tree.map(lambda *xs: np.stack(xs),
                                    *[plain[coll][f"layers_{i}"] for i in layers])
                 jax.tree.map(np.testing.assert_array_equal, variables[coll][stack], ref)
+        hf.save(str(tmp_path / "scan"), cfg, variables)
+        jax.tree.map(np.testing.assert_array_equal, hf.load(str(tmp_path / "scan"))[1], plain)
+
+
+def test_export_native_model(make_model, tmp_path):
+    """A model defined here (scaled embeddings, muP output multiplier, MLA + MoE with nonzero
+    balancing biases) saves as a DeepseekV3 checkpoint whose transformers logits equal ours:
+    the sqrt(d) and 1/m factors are folded into the embedding and the LM head."""
+    from model import ModelConfig
+
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, attention="mla",
+                      kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                      ffn_dim=48, n_routed_experts=4, n_shared_experts=1, moe_ffn_dim=16, top_k=2,
+                      first_k_dense=1, routed_scaling_factor=1.5, mup_base_d_model=16,
+                      capacity_factor=2.0)  # = experts / top_k: no drops
+    assert cfg.scale_embeddings
+    _, variables, fwd = make_model(cfg, seed=5, gain=1.0)
+    variables = dict(variables, router_bias=jax.tree.map(
+        lambda b: jnp.asarray(np.random.default_rng(6).normal(0, 0.1, b.shape), b.dtype),
+        variables["router_bias"]))
+    tokens = _tokens((2, 12), seed=4)
+    ours = np.asarray(fwd(variables, jnp.asarray(tokens))[0])
+    assert ours.std() > 0.3
+    hf.save(str(tmp_path), cfg, variables)
+    m = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), dtype=torch.float32, attn_implementation="eager").eval()
+    np.testing.assert_allclose(_torch_logits(m, tokens), ours, atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="tied embeddings"):
+        hf.save(str(tmp_path / "tied"), cfg.replace(tie_embeddings=True), variables)
 
 
 def assert_same_sharding(a, s):
