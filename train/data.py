@@ -257,7 +257,7 @@ def _text_corpus(data_cfg, source: str, tok: Tokenizer, permille: int) -> Corpus
         tokens, lengths, is_eval = _tokenize(source, files, tok, permille)
         if cache is not None:
             os.makedirs(os.path.dirname(cache), exist_ok=True)
-            tmp = cache + ".tmp.npz"
+            tmp = f"{cache}.{os.getpid()}.tmp.npz"  # processes may share the directory
             np.savez(tmp, tokens=tokens, lengths=lengths, is_eval=is_eval)
             os.replace(tmp, cache)
     if len(lengths) == 0:
@@ -361,6 +361,8 @@ def _token_corpus(data_cfg, source: str, permille: int) -> Corpus:
         if offset < cut < offset + len(arr):
             bounds = np.append(bounds, cut - offset)
         bounds = np.unique(bounds[(bounds > 0) & (bounds <= len(arr))])
+        if len(bounds) == 0:  # an empty file
+            continue
         begin = np.concatenate([[0], bounds[:-1]])
         shard_ids.append(np.full(len(bounds), k, np.int32))
         starts.append(begin)
@@ -462,15 +464,23 @@ def pack_documents(lengths: np.ndarray, width: int) -> Packing:
         first = width - used
         rest = n - (first - 1)
         k = 1 if rest <= width else 1 + -(-(rest - width) // (width - 1))
-        starts = first - 1 + (width - 1) * np.arange(k, dtype=np.int64)
-        flush()
-        blocks.append((
-            np.full(k + 1, d, np.int64),
-            np.concatenate([[0], starts]),
-            np.concatenate([[first], np.minimum(width, n - starts)]),
-            row + np.arange(k + 1, dtype=np.int64),
-        ))
-        row, used = row + k, int(n - starts[-1])
+        last = first - 1 + (width - 1) * (k - 1)
+        if k <= 64:
+            spans = [(0, first)] + [(s, min(width, n - s))
+                                    for s in range(first - 1, last + 1, width - 1)]
+            for j, (s, m) in enumerate(spans):
+                for c, v in zip(pending, (d, s, m, row + j), strict=True):
+                    c.append(v)
+        else:
+            starts = first - 1 + (width - 1) * np.arange(k, dtype=np.int64)
+            flush()
+            blocks.append((
+                np.full(k + 1, d, np.int64),
+                np.concatenate([[0], starts]),
+                np.concatenate([[first], np.minimum(width, n - starts)]),
+                row + np.arange(k + 1, dtype=np.int64),
+            ))
+        row, used = row + k, n - last
     flush()
     if not blocks:
         return Packing(*(np.zeros(0, np.int64),) * 3, np.zeros(1, np.int64))

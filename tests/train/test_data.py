@@ -113,6 +113,7 @@ def test_row_values_by_hand():
 def test_every_token_but_the_first_is_a_target_exactly_once(width):
     rng = np.random.default_rng(width)
     lengths = rng.integers(1, 3 * width, size=40)
+    lengths[[5, 20]] = 100 * width + 1  # long documents (laid out vectorized)
     flat = rng.integers(1, 1000, size=int(lengths.sum())).astype(np.int32)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     docs = Documents(np.zeros(len(lengths), np.int32), starts, lengths)
