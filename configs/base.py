@@ -108,6 +108,7 @@ def get_config() -> ConfigDict:
             grad_accum=1,
             z_loss=0.0,
             max_bad_steps=10,  # abort after this many non-finite steps in a row (0: never)
+            profile_steps=(),  # (start, stop): write a JAX profiler trace to workdir/profile
         )
     )
 

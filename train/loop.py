@@ -27,6 +27,7 @@ from train import data as data_lib
 from train import distributed
 from train.checkpoint import Checkpointer, abstract_like
 from train.errors import UserError
+from train.flops import flops_per_token, peak_flops
 from train.metrics import MetricWriter, to_python
 from train.qkclip import make_qk_clip_hook
 from train.step import StepOptions, TrainState, make_eval_step, make_train_step
@@ -204,6 +205,10 @@ def run(config: ConfigDict) -> dict[str, Any]:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json(indent=2))
         summary = _state_summary(cfg, state, mesh)
+        model_flops = flops_per_token(cfg, seq)
+        peak, peak_src = peak_flops()
+        summary += (f"\nMFU basis: {model_flops / 1e6:.2f} MFLOPs/token; "
+                    f"peak {peak / 1e12:.3f} TFLOP/s ({peak_src})")
         if lead:
             print(summary)
 
@@ -247,7 +252,12 @@ def run(config: ConfigDict) -> dict[str, Any]:
         restore_signals = _on_preemption(preempted)
         t0, tok0 = time.perf_counter(), 0
         metrics = None
+        profile = tuple(int(x) for x in config.train.profile_steps)
         for step in range(first, steps):
+            if profile and step == profile[0] and lead:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            if profile and step == profile[1] and lead:
+                jax.profiler.stop_trace()
             batch = data_lib.batch_at(tokens.train, step, bsz, seq, int(config.seed))
             batch = global_batch(batch, batch_shardings)
             state, metrics = step_fn(state, batch)
@@ -264,6 +274,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 m = to_python(jax.device_get(metrics))
                 dt = time.perf_counter() - t0
                 m["tokens_per_s"] = tok0 / max(dt, 1e-9)
+                m["mfu"] = m["tokens_per_s"] * model_flops / peak
                 if eval_every > 0 and (done % eval_every == 0 or done == steps):
                     m["eval_loss"] = _evaluate(eval_fn, state, eval_sets, batch_shardings)
                 writer.write(done, m)
