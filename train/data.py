@@ -7,8 +7,8 @@ Sources (`config.data.source`):
   text:        UTF-8 text files; `paths` lists files, directories (searched recursively
                for `TEXT_SUFFIXES`) and globs. One file is one document.
   bin:         pre-tokenized flat token files: `.bin` raw `dtype` (uint16/uint32/int32)
-               values, or `.npy` integer arrays (any shape, flattened). A single file is
-               memory-mapped; documents end after each `eos_id` token and at each file end.
+               values, or `.npy` integer arrays (any shape, flattened), memory-mapped;
+               documents end after each `eos_id` token and at each file end.
   arrayrecord: ArrayRecord files (`paths`), one document per record. `record_format`
                says what a record is: "text" (UTF-8 text, tokenized like `text`) or
                "tokens" (the raw bytes of a `dtype` array, like `.bin`; a record is a
@@ -17,12 +17,16 @@ A missing path, an empty glob or directory, or an unreadable file is a `UserErro
 
 Tokenizers (`config.data.tokenizer`, see `train.tokenizers`): "byte" (UTF-8 bytes + EOS
 256), a Hugging Face `tokenizer.json`, or a SentencePiece `.model`. Text documents are
-tokenized once at start (the whole corpus, in threaded batches) and each is followed by
-EOS. With a tokenizer file, `cache_dir` keeps the tokenized corpus on disk (keyed by the
-tokenizer and the files' sizes and mtimes), so a restart does not tokenize again. Token
+tokenized once at start, the whole corpus in threaded batches, not lazily per document
+(packing needs every length up front); each is followed by EOS and all are kept in memory
+as one uint16 array (int32 for vocabularies over 65536). With a tokenizer file,
+`cache_dir` keeps the tokenized corpus on disk (keyed by the tokenizer and the files'
+sizes and mtimes), so a restart does not tokenize again. Token
 sources (bin, arrayrecord tokens) use the tokens as they are: `vocab_size` (0 -> the
-tokenizer file's vocabulary, else max token + 1) and `eos_id` (-1 -> the tokenizer file's
-EOS, else no EOS: documents end only at file/record ends); the "byte" default is ignored.
+tokenizer file's vocabulary, else max token + 1; a larger token is an error) and `eos_id`
+(-1 -> the tokenizer file's EOS, else none: documents end only at file/record ends); a
+`tokenizer` file there only serves these defaults and `DataPipeline.tokenizer` (which is
+None with the "byte" default).
 
 Held-out split: a text document goes to eval when crc32(name) % 1000 < `eval_permille`
 (name: the path, relative to the stdlib root for `stdlib`; `path:index` for a record);
@@ -42,10 +46,12 @@ positions stay below `seq_len`). An example is `inputs = row[:-1]`, `targets = r
 real token of the input's own segment (0 on padding and where the next token starts
 another document or piece). The model attends only within a segment.
 
-Batches: the packed rows, `MapDataset.shuffle(seed)` (a new permutation each epoch),
-repeated without end and batched. The batch for step s is a pure function of (seed, s): the
-data position is the step itself, so resuming is exact. With P processes each gets rows
-[p * B/P, (p+1) * B/P) of the same global batch.
+Batches: the packed rows, `MapDataset.shuffle(seed % 2**32)` (a new permutation each
+epoch), repeated without end and batched. The batch for step s is a pure function of
+(seed, s): the data position is the step itself, so resuming is exact. Every process loads
+and packs the whole corpus; with P processes process p gets rows [p * B/P, (p+1) * B/P) of
+the same global batch (Grain batches of B/P, index s * P + p). Eval batches are the eval
+rows in order, unshuffled.
 """
 
 from __future__ import annotations
