@@ -92,7 +92,9 @@ def get_config() -> ConfigDict:
             clip_norm=1.0,
             muon=dict(beta=0.95, nesterov=True, ns_steps=5, update_scale="moonlight", lr=-1.0,
                       weight_decay=-1.0),
+            wsd=dict(decay_frac=0.2, decay="linear"),
             labels=(),
+            # Filled in by the trainer from config.model.mup_base_d_model (muP on the model side).
             mup=dict(enabled=False, width_multiplier=1.0),
             qk_clip=dict(enabled=False, tau=100.0),
         )

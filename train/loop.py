@@ -174,6 +174,14 @@ def run(config: ConfigDict) -> dict[str, Any]:
     opt_cfg = ConfigDict(config.optim.to_dict())
     if opt_cfg.total_steps <= 0:
         opt_cfg.total_steps = steps
+    if cfg.mup_base_d_model:
+        opt_cfg.mup.enabled = True
+        opt_cfg.mup.width_multiplier = cfg.width_multiplier
+    elif opt_cfg.mup.enabled:
+        raise UserError(
+            "config.optim.mup.enabled needs config.model.mup_base_d_model (the base width); "
+            "set that instead: the trainer derives the width multiplier from it"
+        )
     model = Transformer(cfg)
     workdir = config.workdir
     with mesh, nn.logical_axis_rules(LOGICAL_RULES):

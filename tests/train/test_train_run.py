@@ -127,3 +127,9 @@ def test_restore_onto_another_mesh_and_bad_checkpoints(tmp_path):
     with pytest.raises(UserError, match="cannot restore"):
         run(small_config(a, steps=16))
     assert sorted(os.listdir(a / "checkpoints")) == before
+
+
+def test_base_optim_config_mirrors_optim_defaults():
+    import optim
+
+    assert set(base.get_config().optim.to_dict()) == set(optim.default_config().to_dict())
