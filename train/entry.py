@@ -13,4 +13,8 @@ def dispatch(config: ConfigDict):
         from train.loop import run
 
         return run(config)
-    raise UserError(f"config.job={job!r} is not a known job (available: 'pretrain')")
+    if job == "rl":
+        from rl.loop import run as run_rl
+
+        return run_rl(config)
+    raise UserError(f"config.job={job!r} is not a known job (available: 'pretrain', 'rl')")

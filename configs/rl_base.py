@@ -1,0 +1,62 @@
+"""Shared defaults of RL jobs (`job='rl'`): the base config plus the `rl` section.
+
+    python -m train --config configs/rl_arith.py      # (or python -m rl --config ...)
+
+`train.steps` counts RL steps; `optim` is the RL optimizer (its schedule runs over
+steps x updates_per_batch x minibatches optimizer updates when `total_steps=-1`);
+`checkpoint`, `mesh`, `train.log_every` and `train.progress` work as in pretraining.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import base
+
+
+def get_config() -> ConfigDict:
+    c = base.get_config()
+    c.job = "rl"
+    c.workdir = "runs/rl"
+    c.optim.lr = 1e-4
+    c.optim.schedule = "constant"
+    c.optim.warmup_steps = 0
+    c.optim.weight_decay = 0.0
+    c.train.steps = 100
+    c.train.log_every = 1
+    c.checkpoint.every = 50
+    c.rl = ConfigDict(
+        dict(
+            task="addition",  # addition | reverse | sort | countdown (fields in rl.tasks)
+            tasks=dict(
+                addition=dict(min_digits=1, max_digits=3, format_reward=0.0),
+                reverse=dict(min_len=2, max_len=6, format_reward=0.0),
+                sort=dict(min_len=2, max_len=6, format_reward=0.0),
+                countdown=dict(n_numbers=3, max_number=10, ops="+-*", format_reward=0.0),
+            ),
+            loss="grpo",  # grpo | dr_grpo | dapo | gspo | gspo_token | gmpo
+            n_prompts=16,
+            group_size=8,  # G completions per prompt
+            max_new_tokens=0,  # 0 -> the task's min_new_tokens (longest answer + EOS)
+            temperature=1.0,  # the policy is softmax(logits / T), see rl/step.py
+            top_k=0,
+            top_p=1.0,
+            updates_per_batch=1,  # mu
+            minibatches=1,
+            eps_lo=-1.0,  # PPO clip range; < 0 -> the loss's default (e.g. DAPO 0.2/0.28)
+            eps_hi=-1.0,
+            beta=0.0,  # k3 KL to the frozen initial policy (kept in the state when > 0)
+            tis=False,  # truncated importance sampling vs the sampler's log-probs
+            tis_cap=2.0,
+            dynamic_sampling="auto",  # auto (on for dapo) | on | off
+            overlong_cache_len=-1,  # DAPO soft overlong interval; -1 -> N//4 for dapo, else 0
+            adv_std="auto",  # divide advantages by the group std: auto (off for dr_grpo) | on | off
+            holdout_modulus=10,  # 1/m of prompts are eval-only (0: no split)
+            eval_every=25,  # greedy held-out accuracy every this many steps (0: only at the end)
+            eval_prompts=256,
+            eval_seed=1234,
+            init_from="",  # workdir (or checkpoint dir) of a pretraining / RL run
+            warmup_steps=0,  # supervised warm-up on task demonstrations before RL
+            warmup_batch_size=64,
+            warmup_lr=3e-3,  # warm-up optimizer: config.optim with this LR, warmup-cosine
+        )
+    )
+    return c
