@@ -12,6 +12,9 @@ def get_config() -> ConfigDict:
     c.job = "pretrain"
     c.workdir = "runs/default"
     c.seed = 0
+    # An imported checkpoint (`python -m model.hf import SRC DST`) to start from; its
+    # architecture replaces config.model (but for train.loop.RUNTIME_FIELDS).
+    c.init_from = ""
 
     # Every field of model.ModelConfig with its default (tests/train keep them in sync).
     c.model = ConfigDict(

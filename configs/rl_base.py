@@ -56,7 +56,8 @@ def get_config() -> ConfigDict:
             init_from="",  # workdir (or checkpoint dir) of a pretraining / RL run
             warmup_steps=0,  # supervised warm-up on task demonstrations before RL
             warmup_batch_size=64,
-            warmup_lr=3e-3,  # warm-up optimizer: config.optim with this LR, warmup-cosine
+            warmup_lr=3e-3,  # warm-up optimizer: config.optim with this LR and schedule
+            warmup_schedule="warmup_cosine",  # warmup_cosine | constant | warmup_stable_decay
         )
     )
     return c

@@ -32,13 +32,53 @@ from train.metrics import MetricWriter, to_python
 from train.qkclip import make_qk_clip_hook
 from train.step import StepOptions, TrainState, make_eval_step, make_train_step
 
+# With `init_from`, the architecture comes from the checkpoint; these fields still come
+# from `config.model` (they change how the model runs, not its parameters).
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "capacity_factor", "bias_update_rate",
+                  "aux_loss_alpha", "max_seq_len")
+
 
 def model_config(config: ConfigDict) -> ModelConfig:
-    """`config.model` as a validated `ModelConfig` (errors name the field)."""
+    """`config.model` as a validated `ModelConfig` (errors name the field); with
+    `config.init_from`, the imported checkpoint's architecture plus `RUNTIME_FIELDS`."""
     try:
-        return ModelConfig.from_dict(config.model.to_dict())
+        init_from = str(config.get("init_from", "") or "")
+        if not init_from:
+            return ModelConfig.from_dict(config.model.to_dict())
+        fname = os.path.join(init_from, "model_config.json")
+        if not os.path.exists(fname):
+            raise UserError(
+                f"config.init_from={init_from!r} is not a model checkpoint (no model_config.json; "
+                "create one with `python -m model.hf import SRC DST`)"
+            )
+        with open(fname) as f:
+            saved = json.load(f)
+        saved.update({k: config.model[k] for k in RUNTIME_FIELDS})
+        return ModelConfig.from_dict(saved)
     except (ValueError, TypeError) as e:
         raise UserError(f"config.model: {e}") from e
+
+
+def load_init_from(path: str, state: TrainState, mesh) -> TrainState:
+    """Replaces the fresh params / router biases by those of an imported checkpoint
+    (`model.hf` Orbax format), each array in the state's dtype and sharding."""
+    from model.hf.checkpoint import read_orbax
+
+    try:
+        _, variables = read_orbax(path, mesh)
+    except Exception as e:  # a wrong directory or a tree that does not match
+        raise UserError(f"config.init_from={path!r}: cannot read the checkpoint: {e}") from e
+
+    def place(new, old):
+        if new.shape != old.shape:
+            raise UserError(f"config.init_from: shape {new.shape} does not match {old.shape}")
+        return jax.device_put(new.astype(old.dtype), old.sharding)
+
+    params = jax.tree.map(place, variables["params"], state.params)
+    bias = state.router_bias
+    if "router_bias" in variables and variables["router_bias"]:
+        bias = jax.tree.map(place, variables["router_bias"], state.router_bias)
+    return state.replace(params=params, router_bias=bias)
 
 
 def build_mesh(config: ConfigDict):
@@ -113,12 +153,30 @@ def init_state(model: Transformer, tx, mesh, seed: int, seq_len: int) -> TrainSt
 
 
 def global_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
-    """Places a host batch (identical on every process) into its sharding: each process
-    supplies only the slices its own devices hold."""
+    """Places this process's rows of the global batch (`DataPipeline.batch`) into their
+    shardings; each process supplies only its own part."""
     return {
-        k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx])
+        k: jax.make_array_from_process_local_data(
+            shardings[k], v, (v.shape[0] * jax.process_count(),) + v.shape[1:]
+        )
         for k, v in batch.items()
     }
+
+
+def check_process_rows(sharding, global_rows: int) -> None:
+    """The pipeline gives process p rows [p*B/P, (p+1)*B/P): the mesh's batch axes must
+    split the batch across processes in process order (the default device order does)."""
+    per = global_rows // jax.process_count()
+    lo, hi = jax.process_index() * per, (jax.process_index() + 1) * per
+    for idx in sharding.addressable_devices_indices_map((global_rows, 1)).values():
+        r = idx[0]
+        start = 0 if r.start is None else r.start
+        stop = global_rows if r.stop is None else r.stop
+        if start < lo or stop > hi:
+            raise UserError(
+                f"config.mesh: the batch axes (data, fsdp, expert) do not split the batch across "
+                f"the {jax.process_count()} processes in order; put model axes (tensor) within hosts"
+            )
 
 
 def _state_summary(cfg: ModelConfig, state: TrainState, mesh) -> str:
@@ -137,7 +195,7 @@ def _state_summary(cfg: ModelConfig, state: TrainState, mesh) -> str:
     )
 
 
-def _check_compat(cfg: ModelConfig, config: ConfigDict, tokens: data_lib.TokenData) -> None:
+def _check_compat(cfg: ModelConfig, config: ConfigDict, tokens: data_lib.DataPipeline) -> None:
     if tokens.vocab_size > cfg.vocab_size:
         raise UserError(
             f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "
@@ -167,9 +225,11 @@ def run(config: ConfigDict) -> dict[str, Any]:
             f"config.data.batch_size={bsz} is not divisible by the data-parallel mesh size "
             f"{batch_div} (data x fsdp x expert)"
         )
-    tokens = data_lib.load_tokens(config.data)
+    tokens = data_lib.DataPipeline(
+        config.data, seq, bsz, int(config.seed), jax.process_index(), jax.process_count()
+    )
     _check_compat(cfg, config, tokens)
-    eval_sets = data_lib.eval_batches(tokens.eval, int(config.train.eval_batches), bsz, seq)
+    eval_sets = tokens.eval_batches(int(config.train.eval_batches))
 
     opt_cfg = ConfigDict(config.optim.to_dict())
     if opt_cfg.total_steps <= 0:
@@ -204,6 +264,10 @@ def run(config: ConfigDict) -> dict[str, Any]:
             bool(config.checkpoint.async_save),
         )
         start = ckpt.latest_step()
+        if start is None and config.get("init_from", ""):
+            state = load_init_from(str(config.init_from), state, mesh)
+            if lead:
+                print(f"initialized params from {config.init_from}")
         if start is not None:
             state = ckpt.restore(abstract_like(state))
             if lead:
@@ -222,7 +286,10 @@ def run(config: ConfigDict) -> dict[str, Any]:
 
         shardings = jax.tree.map(lambda x: x.sharding, state)
         data_sharding = batch_sharding(mesh)
-        batch_shardings = {"inputs": data_sharding, "targets": data_sharding}
+        check_process_rows(data_sharding, bsz)
+        batch_shardings = {
+            k: data_sharding for k in ("inputs", "targets", "positions", "segment_ids", "mask")
+        }
         options = StepOptions(
             grad_accum=int(config.train.grad_accum),
             z_loss=float(config.train.z_loss),
@@ -261,13 +328,13 @@ def run(config: ConfigDict) -> dict[str, Any]:
         t0, tok0 = time.perf_counter(), 0
         metrics = None
         profile = tuple(int(x) for x in config.train.profile_steps)
+        batches = tokens.batches(first)
         for step in range(first, steps):
             if profile and step == profile[0] and lead:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
             if profile and step == profile[1] and lead:
                 jax.profiler.stop_trace()
-            batch = data_lib.batch_at(tokens.train, step, bsz, seq, int(config.seed))
-            batch = global_batch(batch, batch_shardings)
+            batch = global_batch(next(batches), batch_shardings)
             state, metrics = step_fn(state, batch)
             tok0 += bsz * seq
             done = step + 1

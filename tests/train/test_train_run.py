@@ -133,3 +133,34 @@ def test_base_optim_config_mirrors_optim_defaults():
     import optim
 
     assert set(base.get_config().optim.to_dict()) == set(optim.default_config().to_dict())
+
+
+def test_init_from_imported_checkpoint(tmp_path):
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from model import Transformer
+    from model.hf.checkpoint import write_orbax
+    from train.checkpoint import Checkpointer
+
+    c = small_config(tmp_path / "run", steps=1)
+    cfg = ModelConfig.from_dict(c.model.to_dict())
+    v = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(123), jnp.zeros((1, 8), jnp.int32)))
+    v["router_bias"] = jax.tree.map(lambda b: b + 0.5, v["router_bias"])
+    write_orbax(str(tmp_path / "imported"), cfg, v)
+    c.init_from = str(tmp_path / "imported")
+    c.model.d_model = 999  # ignored: the architecture comes from the checkpoint
+    c.optim.update(dict(schedule="constant", lr=0.0, warmup_steps=0, weight_decay=0.0))
+    c.model.bias_update_rate = 0.0
+    run(c)
+    ck = Checkpointer(str(tmp_path / "run" / "checkpoints"), 1, 1, False)
+    restored = ck.manager.restore(1)
+    for a, b in zip(jax.tree.leaves(v["params"]), jax.tree.leaves(restored["params"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(v["router_bias"]), jax.tree.leaves(restored["router_bias"]),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    bad = small_config(tmp_path / "run2", steps=1)
+    bad.init_from = str(tmp_path / "nothing")
+    with pytest.raises(UserError, match="init_from"):
+        run(bad)
