@@ -71,3 +71,16 @@ def test_two_processes_match_one(tmp_path):
     assert [x["step"] for x in a] == [x["step"] for x in b] == [2, 4, 6]
     np.testing.assert_allclose([x["loss"] for x in a], [x["loss"] for x in b], rtol=1e-5)
     np.testing.assert_allclose(a[-1]["eval_loss"], b[-1]["eval_loss"], rtol=1e-5)
+
+    # The checkpoint saved on 8 devices restores onto 4 (another mesh) and training goes on.
+    args = [x for x in COMMON if not x.startswith(("--config.train.steps", "--config.mesh"))]
+    r = subprocess.run(
+        [sys.executable, "-m", "train", *args, f"--config.workdir={single}",
+         "--config.train.steps=8", "--config.mesh.data=2", "--config.mesh.fsdp=2"],
+        cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "4 cpu device(s)" in r.stdout
+    c = _metrics(single)
+    assert [x["step"] for x in c] == [2, 4, 6, 8]
+    assert np.isfinite(c[-1]["loss"]) and c[-1]["loss"] < c[0]["loss"]
