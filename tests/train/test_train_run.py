@@ -45,11 +45,16 @@ def test_base_config_mirrors_model_config():
 
 
 def test_run_writes_outputs_and_learns(tmp_path):
-    out = run(small_config(tmp_path))
+    # Muon (+AdamW for embeddings, head, norms) with QK-clip inside the jitted step.
+    c = small_config(tmp_path)
+    c.optim.name = "muon"
+    c.optim.qk_clip.enabled = True
+    out = run(c)
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [4, 8, 12, 16]
     for r in rows:
-        for key in ("loss", "lr", "tokens_per_s", "grad_norm", "max_logit", "moe/maxvio"):
+        for key in ("loss", "lr", "tokens_per_s", "grad_norm", "max_logit", "moe/maxvio", "mfu",
+                    "qk_clip/frac_clipped", "max_logit_per_layer"):
             assert key in r, key
         assert len(r["moe/maxvio"]) == 1  # one MoE layer (first_k_dense=1)
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
