@@ -1,5 +1,9 @@
 """Text in, text out: `generate_text` samples continuations of string prompts with the
-in-graph sampler (`rl.sampling.sample`) and the byte tokenizer."""
+in-graph sampler (`rl.sampling.sample`) and the byte tokenizer; `load` reads a run's model
+and checkpoint.
+
+    python -m rl.generate --workdir runs/rl_arith --prompt "12+34=" [--temperature 0.7]
+"""
 
 from __future__ import annotations
 
@@ -58,3 +62,67 @@ def generate_text(
         end = np.flatnonzero(row == tok.eos_id)
         texts.append(tok.decode(row[: end[0]] if len(end) else row))
     return texts
+
+
+def load(workdir: str, step: int | None = None) -> tuple[Transformer, dict[str, Any]]:
+    """The model of a training or RL run's `workdir` (its `config.json`) and the
+    variables of its latest checkpoint (RL or pretraining; the warm-up's when RL has not
+    saved yet), on the first device. Raises `UserError`."""
+    import json
+    import os
+
+    import flax.linen as nn
+    import jax.numpy as jnp
+    from ml_collections import ConfigDict
+
+    from rl.loop import restore_variables
+    from train.errors import UserError
+    from train.loop import model_config
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise UserError(f"no config.json in --workdir {workdir!r} (not a run directory)")
+    with open(path) as f:
+        config = ConfigDict(json.load(f))
+    model = Transformer(model_config(config))
+    abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0),
+                                                          jnp.zeros((1, 4), jnp.int32))))
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
+                            abstract)
+    variables = restore_variables(workdir, abstract, step)
+    return model, {"router_bias": {}, **variables}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m rl.generate --workdir DIR --prompt "12+34=" [--prompt ...]`: prints one
+    line per prompt, the prompt followed by its sampled continuation."""
+    import argparse
+    import sys
+
+    from train.errors import UserError
+
+    ap = argparse.ArgumentParser(prog="python -m rl.generate", description=main.__doc__)
+    ap.add_argument("--workdir", required=True, help="a training or RL run directory")
+    ap.add_argument("--prompt", action="append", required=True, help="repeatable")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    args = ap.parse_args(argv)
+    try:
+        model, variables = load(args.workdir, args.step)
+        texts = generate_text(model, variables, args.prompt, max_new_tokens=args.max_new_tokens,
+                              temperature=max(args.temperature, 1e-6), top_k=args.top_k,
+                              top_p=args.top_p, greedy=args.temperature <= 0, seed=args.seed)
+    except (UserError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for p, t in zip(args.prompt, texts, strict=True):
+        print(p + t)
+
+
+if __name__ == "__main__":
+    main()

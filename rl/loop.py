@@ -111,20 +111,26 @@ def latest_checkpoint(directory: str) -> int | None:
     return max(steps) if steps else None
 
 
-def restore_variables(directory: str, abstract: dict[str, Any]) -> dict[str, Any]:
+def restore_variables(
+    directory: str, abstract: dict[str, Any], step: int | None = None
+) -> dict[str, Any]:
     """Restores only `abstract`'s entries (e.g. `{'params': ..., 'router_bias': ...}` as
-    `jax.ShapeDtypeStruct`s with shardings) from the latest checkpoint of a training or
-    RL run: `directory` is a workdir (its `checkpoints/`, else `warmup/checkpoints/`) or
-    a checkpoint directory. The rest of the saved state (optimizer, ...) is not read, so
-    any optimizer works. Mismatched shapes or a missing checkpoint raise `UserError`."""
+    `jax.ShapeDtypeStruct`s with shardings) from a checkpoint of a training or RL run
+    (`step`, default the latest): `directory` is a workdir (its `checkpoints/`, else
+    `warmup/checkpoints/`) or a checkpoint directory. The rest of the saved state
+    (optimizer, ...) is not read, so any optimizer works. Mismatched shapes or a missing
+    checkpoint raise `UserError`."""
     for d in (os.path.join(directory, "checkpoints"),
               os.path.join(directory, "warmup", "checkpoints"), directory):
-        step = latest_checkpoint(d)
-        if step is not None:
+        latest = latest_checkpoint(d)
+        if latest is not None:
+            step = latest if step is None else step
             break
     else:
         raise UserError(f"no checkpoint found under {directory!r} (looked in checkpoints/, "
                         "warmup/checkpoints/ and the directory itself)")
+    if not os.path.isdir(os.path.join(d, str(step), "default")):
+        raise UserError(f"no checkpoint of step {step} in {d}")
     path = os.path.join(os.path.abspath(d), str(step), "default")
     abstract = {k: v for k, v in abstract.items() if jax.tree.leaves(v)}
     try:
@@ -347,14 +353,15 @@ def _warmup(config, model, task, opts: RLOptions, mesh, params, router_bias, hoo
             evaluate, preempted, lead):
     """Supervised warm-up on task demonstrations (prompt -> answer + EOS, loss on the
     answer tokens only) with `train.step.make_train_step`: the same model, a fresh
-    optimizer = config.optim with `rl.warmup_lr` and a warmup-cosine schedule over
-    `rl.warmup_steps`. Resumable (`workdir/warmup/checkpoints`). Returns the final
-    (params, router_bias, last eval metrics), or Nones when a preemption stopped it."""
+    optimizer = config.optim with `rl.warmup_lr` and `rl.warmup_schedule` over
+    `rl.warmup_steps` (linear warm-up over the first 10%). Resumable
+    (`workdir/warmup/checkpoints`). Returns the final (params, router_bias, last eval
+    metrics), or Nones when a preemption stopped it."""
     r = config.rl
     w_total, bs = int(r.warmup_steps), int(r.warmup_batch_size)
     wcfg = ConfigDict(config.optim.to_dict())
     wcfg.lr = float(r.warmup_lr)
-    wcfg.schedule = "warmup_cosine"
+    wcfg.schedule = r.warmup_schedule
     wcfg.total_steps = w_total
     wcfg.warmup_steps = min(max(w_total // 10, 1), w_total - 1)
     try:
@@ -375,7 +382,8 @@ def _warmup(config, model, task, opts: RLOptions, mesh, params, router_bias, hoo
         bad_steps=zero())
     workdir = config.workdir
     every = max(int(config.checkpoint.every), 1)
-    ckpt = Checkpointer(os.path.join(workdir, "warmup", "checkpoints"), every, 1,
+    ckpt = Checkpointer(os.path.join(workdir, "warmup", "checkpoints"), every,
+                        int(config.checkpoint.keep),
                         bool(config.checkpoint.async_save))
     if ckpt.latest_step() is not None:
         state = ckpt.restore(abstract_like(state))

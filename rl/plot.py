@@ -1,0 +1,86 @@
+"""Plot an RL run's curves from its `metrics.jsonl`: greedy held-out accuracy
+(`eval_accuracy`, warm-up rows at steps <= 0) and the rollouts' reward mean vs step.
+
+    python -m rl.plot runs/rl_arith [--out docs/rl_arith.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The rows of `workdir/metrics.jsonl` (lines cut short by a kill are skipped),
+    sorted by step, the last row of a step winning."""
+    rows: dict[int, dict] = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            rows[int(r["step"])] = {**rows.get(int(r["step"]), {}), **r}
+    return [rows[k] for k in sorted(rows)]
+
+
+def plot(workdir: str, out: str, title: str | None = None) -> dict[str, float]:
+    """Writes the PNG; returns the headline numbers (accuracy at the start of RL, at the
+    end, the best, and the final reward mean)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(workdir)
+    ev = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+    rw = [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r]
+    wl = [(r["step"], r["warmup/loss"]) for r in rows if "warmup/loss" in r]
+    if not ev:
+        raise SystemExit(f"no eval_accuracy rows in {workdir}/metrics.jsonl")
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    if rw:
+        ax.plot(*zip(*rw, strict=True), color="tab:orange", alpha=0.45, lw=1,
+                label="RL rollout reward mean (T=1 samples)")
+    ax.plot(*zip(*ev, strict=True), "o-", color="tab:blue", ms=3, lw=1.6,
+            label="greedy accuracy, held-out prompts")
+    ax.axvline(0, color="gray", ls="--", lw=1)
+    ax.text(0, 1.02, " RL starts", color="gray", va="bottom", transform=ax.get_xaxis_transform())
+    if wl:
+        ax.text(min(s for s, _ in wl), 1.02, "supervised warm-up", color="gray", va="bottom",
+                transform=ax.get_xaxis_transform())
+    ax.set_xlabel("step (warm-up steps <= 0, RL steps > 0)")
+    ax.set_ylabel("accuracy / reward")
+    ax.set_ylim(0, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    start = [a for s, a in ev if s <= 0]
+    rl = [a for s, a in ev if s > 0]
+    return {
+        "eval_accuracy_rl_start": start[-1] if start else ev[0][1],
+        "eval_accuracy_final": ev[-1][1],
+        "eval_accuracy_best": max(rl) if rl else ev[-1][1],
+        "reward_mean_final": rw[-1][1] if rw else float("nan"),
+        "rl_steps": max((s for s, _ in ev), default=0),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m rl.plot", description=__doc__.split("\n\n")[0])
+    ap.add_argument("workdir")
+    ap.add_argument("--out", default=None, help="PNG path (default: WORKDIR/rl_curve.png)")
+    ap.add_argument("--title", default=None)
+    args = ap.parse_args(argv)
+    out = args.out or os.path.join(args.workdir, "rl_curve.png")
+    print(json.dumps({"png": out, **plot(args.workdir, out, args.title)}))
+
+
+if __name__ == "__main__":
+    main()
