@@ -1,0 +1,1 @@
+"""Scaling-experiment configs for `python -m train.sweep` (see README, "Scaling experiments")."""
