@@ -19,7 +19,7 @@ the same command resumes a sweep (an unfinished point resumes from its checkpoin
 point from the i-th, for one process or host each. Every invocation then writes, from all
 finished points, `workdir/results.csv`, `workdir/summary.json` (the experiment's numbers)
 and `workdir/<sweep.name>.png` (the plot `sweep.plot.kind` describes, see `PLOTS`); with
-`sweep.publish_dir` the figure and summary are copied there too.
+`sweep.publish_dir` the figure is copied there too.
 
 A grid key that is not in the config, a value of the wrong type or an invalid model shape
 is a `UserError` naming the key, raised before any point runs. A point whose loss or
@@ -70,7 +70,7 @@ def default_sweep() -> ConfigDict:
             flop_budget=0.0,  # > 0: steps from the FLOP budget
             shard=0,
             num_shards=1,
-            publish_dir="",  # also copy the figure and summary.json here
+            publish_dir="",  # also copy the figure here
             # XLA persistent compilation cache: "auto" -> workdir/xla_cache, "" -> off.
             compile_cache="auto",
             # Spikes (train.scaling.count_spikes): value > ratio x median of the previous
@@ -469,7 +469,8 @@ def _csv_value(v: Any) -> Any:
 
 
 def write_outputs(config: ConfigDict, points: Sequence[Point], rows: list[dict[str, Any]]) -> None:
-    """results.csv, summary.json and the figure in the sweep workdir (and publish_dir)."""
+    """results.csv, summary.json and the figure in the sweep workdir (the figure also in
+    publish_dir)."""
     workdir = str(config.workdir)
     os.makedirs(workdir, exist_ok=True)
     write_csv(os.path.join(workdir, "results.csv"), rows)
@@ -485,15 +486,14 @@ def write_outputs(config: ConfigDict, points: Sequence[Point], rows: list[dict[s
     summary: dict[str, Any] = {"experiment": name, "points": len(points), "finished": len(rows)}
     fig_path = os.path.join(workdir, f"{name}.png")
     if rows:
-        summary.update(PLOTS[kind](rows, curves, plot_cfg, points, fig_path, name))
+        title = str(plot_cfg.get("title") or name)
+        summary.update(PLOTS[kind](rows, curves, plot_cfg, points, fig_path, title))
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(_jsonable(summary), f, indent=1)
     publish = str(config.sweep.get("publish_dir", "") or "")
     if publish and rows:
         os.makedirs(publish, exist_ok=True)
         shutil.copy(fig_path, os.path.join(publish, f"{name}.png"))
-        shutil.copy(os.path.join(workdir, "summary.json"),
-                    os.path.join(publish, f"{name}.json"))
     print(json.dumps(_jsonable(summary)))
 
 
@@ -685,7 +685,8 @@ def plot_curves(rows, curves, plot_cfg, points, path, title):
     """One panel per metric in `metrics` (per-layer values reduced by `reduce`), a line per
     point coloured by its `series` value (one column of panels per `panel` value).
     `hlines` draws reference lines ({metric: value}), `logy` lists log-scale metrics,
-    `mark_spikes` marks the spikes `count_spikes` counts on loss and grad_norm. Summary:
+    `mark_spikes` marks the spikes `count_spikes` counts on loss and grad_norm, `smooth`
+    ({metric: n}) plots a trailing mean over n logged values. Summary:
     the mean over each series' points of the result columns in `report`."""
     plt = _plt()
     metrics = list(plot_cfg.get("metrics", ("loss",)))
@@ -693,6 +694,7 @@ def plot_curves(rows, curves, plot_cfg, points, path, title):
     panel_key = plot_cfg.get("panel") or None
     reduce = plot_cfg.get("reduce", "mean")
     hlines = dict(plot_cfg.get("hlines") or {})
+    smooth = dict(plot_cfg.get("smooth") or {})
     logy = set(plot_cfg.get("logy", ()))
     spikes = plot_cfg["spikes"]
     series = _grid_values(points, series_key)
@@ -712,6 +714,8 @@ def plot_curves(rows, curves, plot_cfg, points, path, title):
                 sv = _point_value(p.values, series_key)
                 i = series.index(sv)
                 s, v = curve(curves.get(p.name, []), m, reduce)
+                if m in smooth:
+                    v = fit.smooth(v, int(smooth[m]))
                 lab = _label(plot_cfg.get("labels"), series_key, sv, series)
                 ax.plot(s, v, color=colors(i), lw=1.1, alpha=0.85,
                         label=None if lab in labelled else lab)
@@ -723,10 +727,12 @@ def plot_curves(rows, curves, plot_cfg, points, path, title):
                     top = np.where(np.isfinite(v), v, np.nanmax(v) if np.isfinite(v).any() else 0)
                     ax.plot(s[onset], top[onset], "v", color=colors(i), ms=7, mec="k")
             if m in hlines:
-                ax.axhline(float(hlines[m]), color="gray", ls="--", lw=1)
+                ax.axhline(float(hlines[m]), color="gray", ls="--", lw=1,
+                           label=f"{m} = {float(hlines[m]):g}")
             if m in logy:
                 ax.set_yscale("log")
-            ax.set_ylabel(m + (f" ({reduce} over layers)" if m.startswith("moe/") else ""))
+            ax.set_ylabel(m + (f" ({reduce} over layers)" if m.startswith("moe/") else "")
+                          + (f" (mean of {int(smooth[m])} logs)" if m in smooth else ""))
             ax.grid(alpha=0.3)
             if r_i == 0:
                 ax.set_title(plabel if panel_key else title)

@@ -23,10 +23,11 @@ def get_config():
     })
     c.sweep.plot = dict(
         kind="curves", series="model.bias_update_rate,model.aux_loss_alpha",
-        metrics=("moe/maxvio", "loss"), reduce="mean",
+        metrics=("moe/maxvio", "loss"), reduce="mean",  # loss: mean of the last 6 logs
         labels=("none", "aux loss 1e-3", "aux loss 1e-2", "loss-free u=1e-3",
                 "loss-free u=1e-2"),
         report=("maxvio_mean", "maxvio_final", "maxvio_max", "loss", "eval_loss"),
-        ylim={"loss": (2.0, 4.0)},
+        ylim={"loss": (1.9, 3.0)}, smooth={"loss": 6},
+        title="MoE balancing: 8 experts, top-2, d=128, 2 MoE layers",
     )
     return c

@@ -16,6 +16,7 @@ def get_config():
     c.sweep.plot = dict(
         kind="curves", series="optim.qk_clip.enabled", metrics=("max_logit", "loss"),
         labels=("no clip", "QK-clip"), hlines={"max_logit": 30.0},
-        report=("max_logit", "qk_clip_frac", "loss", "eval_loss"),
+        report=("max_logit", "qk_clip_frac", "loss", "eval_loss"), ylim={"loss": (1.3, 3.0)},
+        title="QK-clip: Muon at lr 3e-2, d=128, tau=30",
     )
     return c

@@ -24,5 +24,6 @@ def get_config():
         kind="curves", series="model.scale_embeddings", metrics=("loss", "grad_norm"),
         labels=("unscaled (std 0.02)", "x sqrt(d)"), logy=("grad_norm",), mark_spikes=True,
         report=("loss_spikes", "grad_spikes", "loss", "eval_loss", "max_grad_norm"),
+        title="Scaled embeddings: AdamW lr 3e-2, d=128, seeds 0 and 1 (v: spike onsets)",
     )
     return c
