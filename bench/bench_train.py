@@ -1,0 +1,389 @@
+"""Train-step throughput and MFU: ours (JAX) vs Hugging Face transformers (PyTorch) on the
+same configuration, in the same run, on the same machine.
+
+Prints one JSON object per line:
+
+- `env`: backend, device, core count, load average, library versions.
+- `train_step` (one per config and implementation): median step time over interleaved
+  rounds, tokens/s, model FLOPs/token (`train.flops.flops_per_token`, the documented
+  6N + attention formula), MFU = tokens/s * FLOPs/token / the dense float32 matmul peak
+  (`train.flops.measure_peak`) measured right before each round (the per-round MFUs'
+  median), peak memory (JAX: the compiled step's argument + output + temp bytes; both:
+  the process's peak RSS growth over build + first steps, from /proc VmHWM).
+- `train_ratio`: ours / transformers tokens per second (rounds interleaved, so a change
+  in the machine's load hits both sides alike).
+- `moe_dispatch`: the MLA+MoE train step with each `ModelConfig.moe_dispatch`
+  (`capacity`: the capacity buffer; `dense`: every token through every expert, one-hot
+  gates; `dropless`: sort by expert + grouped matmul over row blocks), where supported.
+- `cross_entropy`: full-logits vs chunked cross-entropy (value and gradient) for a large
+  vocabulary: time and compiled temp memory.
+
+    python bench/bench_train.py            # dense ~35M + MLA/MoE ~90M, a few minutes on 2 cores
+    python bench/bench_train.py --quick    # tiny configs, a smoke run (seconds)
+    python bench/bench_train.py --only dense --rounds 5 --no-hf
+
+The JAX step is `train.step.make_train_step` with `optax.adamw` (the trainer's step);
+the transformers step is `model(input_ids).logits` -> `F.cross_entropy` -> backward ->
+`torch.optim.AdamW.step()`, on `LlamaForCausalLM` / `DeepseekV3ForCausalLM` built from
+`model.hf.convert.config_to_hf` of the same `ModelConfig` (random init, float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from model import ModelConfig, Transformer  # noqa: E402
+from train.flops import flops_per_token, measure_peak  # noqa: E402
+from train.step import StepOptions, TrainState, make_train_step  # noqa: E402
+
+LR, BETAS, WD = 1e-4, (0.9, 0.95), 0.1
+
+# Llama-style dense (~35M parameters) and DeepSeek-V3-style MLA + MoE (~90M total, ~30M
+# active). scale_embeddings is off: Llama and DeepseekV3 do not scale the embeddings.
+CONFIGS: dict[str, ModelConfig] = {
+    "dense": ModelConfig(
+        vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1536,
+        max_seq_len=256, scale_embeddings=False,
+    ),
+    "mla_moe": ModelConfig(
+        vocab_size=8192, d_model=512, n_layers=8, n_heads=8, max_seq_len=256,
+        attention="mla", q_lora_rank=0, kv_lora_rank=128, qk_nope_head_dim=64,
+        qk_rope_head_dim=32, v_head_dim=64, ffn_dim=1536, first_k_dense=1,
+        n_routed_experts=16, n_shared_experts=1, top_k=2, moe_ffn_dim=384,
+        scale_embeddings=False,
+    ),
+}
+QUICK: dict[str, ModelConfig] = {
+    "dense": ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                         ffn_dim=128, max_seq_len=32, scale_embeddings=False),
+    "mla_moe": ModelConfig(
+        vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=32, attention="mla",
+        q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, ffn_dim=128, first_k_dense=1, n_routed_experts=4, n_shared_experts=1,
+        top_k=2, moe_ffn_dim=32, scale_embeddings=False,
+    ),
+}
+
+
+def emit(**kw: Any) -> None:
+    print(json.dumps(kw), flush=True)
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakRSS:
+    """Peak resident-set growth of this process over a `with` block (Linux: resets the
+    high-water mark through /proc/self/clear_refs, then reads VmHWM). None elsewhere."""
+
+    def __enter__(self) -> PeakRSS:
+        self.bytes: int | None = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.start = _status_kb("VmRSS")
+        except OSError:
+            self.start = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.start is not None:
+            self.bytes = max(0, _status_kb("VmHWM") - self.start) * 1024
+
+
+def jax_device_peak() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else stats.get("peak_bytes_in_use")
+
+
+# ---------------------------------------------------------------------------- JAX step
+
+
+def make_batch(cfg: ModelConfig, batch: int, seq: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, cfg.vocab_size, size=(batch, seq + 1)).astype(np.int32)
+
+
+class JaxRunner:
+    """Our train step (AdamW) on `cfg`; `step()` runs one step to completion."""
+
+    name = "jax"
+
+    def __init__(self, cfg: ModelConfig, tokens: np.ndarray, options: StepOptions) -> None:
+        self.cfg = cfg
+        model = Transformer(cfg)
+        tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], weight_decay=WD)
+        b, t1 = tokens.shape
+        init = jax.jit(lambda k: nn.unbox(model.init(k, jnp.zeros((1, t1 - 1), jnp.int32))))
+        v = init(jax.random.key(0))
+        params = v["params"]
+        self.state = TrainState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
+            router_bias=v.get("router_bias", {}), rng=jax.random.key(1),
+            bad_steps=jnp.zeros((), jnp.int32),
+        )
+        self.batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
+        self.n_params = sum(x.size for x in jax.tree.leaves(params))
+        t0 = time.perf_counter()
+        self.fn = jax.jit(make_train_step(model, tx, options=options), donate_argnums=0)
+        compiled = self.fn.lower(self.state, self.batch).compile()
+        self.compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        self.compiled_bytes = None
+        if mem is not None:
+            self.compiled_bytes = int(
+                mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                - mem.alias_size_in_bytes
+            )
+        self.loss = None
+
+    def step(self) -> None:
+        self.state, m = self.fn(self.state, self.batch)
+        self.loss = float(m["loss"])  # blocks until the step is done
+
+
+# ---------------------------------------------------------------------------- torch step
+
+
+class TorchRunner:
+    """The transformers model of the same config: forward, cross-entropy, backward, AdamW."""
+
+    name = "transformers"
+
+    def __init__(self, cfg: ModelConfig, tokens: np.ndarray, threads: int | None) -> None:
+        import torch
+        import transformers
+
+        from model.hf.convert import config_to_hf
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch = torch
+        hf = config_to_hf(cfg, "float32")
+        hf.pop("torch_dtype", None)
+        hf.pop("architectures", None)
+        hf_cfg = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+        torch.manual_seed(0)
+        self.model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+        self.model.train()
+        self.arch = type(self.model).__name__
+        self.attn_impl = getattr(self.model.config, "_attn_implementation", None)
+        self.experts_impl = getattr(self.model.config, "_experts_implementation", None)
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=BETAS, weight_decay=WD)
+        t = torch.from_numpy(tokens.astype(np.int64))
+        self.inputs, self.targets = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        self.loss = None
+
+    def step(self) -> None:
+        torch = self.torch
+        logits = self.model(input_ids=self.inputs, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), self.targets.reshape(-1)
+        )
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.loss = float(loss.detach())
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def timed(fn: Callable[[], None]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run_config(
+    name: str, cfg: ModelConfig, args: argparse.Namespace, options: StepOptions,
+    with_hf: bool, label: str | None = None,
+) -> dict[str, float]:
+    """Builds the runners, warms them up, then `args.rounds` interleaved rounds of
+    (peak probe, one step of each runner). Emits one `train_step` line per runner."""
+    label = label or name
+    tokens = make_batch(cfg, args.batch, args.seq, seed=0)
+    fpt = flops_per_token(cfg, args.seq)
+    n_tok = args.batch * args.seq
+    runners: list[Any] = []
+    memory: dict[str, int | None] = {}
+    first: dict[str, float] = {}
+    with PeakRSS() as pk:
+        r = JaxRunner(cfg, tokens, options)
+        first["jax"] = timed(r.step)  # first run after compile (allocations)
+    memory["jax"] = pk.bytes
+    runners.append(r)
+    if with_hf:
+        gc.collect()
+        with PeakRSS() as pk:
+            r = TorchRunner(cfg, tokens, args.torch_threads)
+            first["transformers"] = timed(r.step)
+        memory["transformers"] = pk.bytes
+        runners.append(r)
+    times: dict[str, list[float]] = {r.name: [] for r in runners}
+    mfus: dict[str, list[float]] = {r.name: [] for r in runners}
+    peaks: list[float] = []
+    for i in range(args.rounds):
+        peak = measure_peak(args.peak_n, args.peak_s)
+        peaks.append(peak)
+        order = runners if i % 2 == 0 else runners[::-1]
+        for r in order:
+            dt = timed(r.step)
+            times[r.name].append(dt)
+            mfus[r.name].append(n_tok * fpt / dt / peak)
+    tps: dict[str, float] = {}
+    for r in runners:
+        med = statistics.median(times[r.name])
+        tps[r.name] = n_tok / med
+        line: dict[str, Any] = dict(
+            bench="train_step", config=label, impl=r.name, params=int(r.n_params),
+            params_active=cfg.param_counts()["active"], batch=args.batch, seq=args.seq,
+            tokens_per_step=n_tok, step_s_median=round(med, 4),
+            step_s=[round(x, 4) for x in times[r.name]], first_step_s=round(first[r.name], 3),
+            tokens_per_s=round(tps[r.name], 1), model_flops_per_token=fpt,
+            model_tflops_per_s=round(tps[r.name] * fpt / 1e12, 5),
+            mfu=round(statistics.median(mfus[r.name]), 4),
+            peak_flops_median=round(statistics.median(peaks), 1),
+            peak_rss_growth_bytes=memory[r.name], loss=r.loss,
+        )
+        if r.name == "jax":
+            line.update(compile_s=round(r.compile_s, 2), compiled_bytes=r.compiled_bytes,
+                        device_peak_bytes=jax_device_peak(),
+                        attention=cfg.attention, moe_dispatch=getattr(cfg, "moe_dispatch", None))
+        else:
+            line.update(arch=r.arch, attn_implementation=r.attn_impl,
+                        experts_implementation=r.experts_impl,
+                        torch_threads=r.torch.get_num_threads())
+        emit(**line)
+    if with_hf:
+        emit(bench="train_ratio", config=label,
+             jax_over_transformers=round(tps["jax"] / tps["transformers"], 3))
+    del runners
+    gc.collect()
+    return tps
+
+
+def dispatch_compare(cfg: ModelConfig, args: argparse.Namespace, options: StepOptions) -> None:
+    if not hasattr(cfg, "moe_dispatch"):
+        emit(bench="moe_dispatch", skipped="ModelConfig has no moe_dispatch field")
+        return
+    for mode in args.dispatch.split(","):
+        run_config("mla_moe", cfg.replace(moe_dispatch=mode), args, options, with_hf=False,
+                   label=f"mla_moe/{mode}")
+
+
+def cross_entropy_compare(args: argparse.Namespace) -> None:
+    """Loss + gradient w.r.t. hidden states and head weights, full logits vs chunked."""
+    try:
+        from train.step import chunked_cross_entropy, cross_entropy
+    except ImportError:
+        emit(bench="cross_entropy", skipped="train.step has no chunked_cross_entropy")
+        return
+    n, d, v = args.ce_tokens, args.ce_d, args.ce_vocab
+    rows = args.batch
+    rng = np.random.default_rng(0)
+    h = jnp.asarray(rng.standard_normal((rows, n // rows, d)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((d, v)) * 0.02, jnp.float32)
+    tgt = jnp.asarray(rng.integers(0, v, (rows, n // rows)), jnp.int32)
+
+    def full(h, w):
+        return cross_entropy(jnp.einsum("btd,dv->btv", h, w), tgt)[0]
+
+    variants = [("full", full)]
+    for c in args.ce_chunks:
+        variants.append((f"chunked/{c}",
+                         lambda h, w, c=c: chunked_cross_entropy(h, w, tgt, chunk_tokens=c)[0]))
+    out = {}
+    for name, f in variants:
+        g = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+        c = g.lower(h, w).compile()
+        mem = c.memory_analysis()
+        jax.block_until_ready(c(h, w))
+        ts = []
+        for _ in range(args.rounds):
+            ts.append(timed(lambda c=c: jax.block_until_ready(c(h, w))))
+        out[name] = float(c(h, w)[0])
+        emit(bench="cross_entropy", impl=name, tokens=n, d_model=d, vocab=v,
+             s_median=round(statistics.median(ts), 4),
+             temp_bytes=None if mem is None else int(mem.temp_size_in_bytes),
+             full_logits_bytes=n * v * 4, loss=out[name])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny configs: a smoke run")
+    parser.add_argument("--only", default="dense,mla_moe", help="configs to run")
+    parser.add_argument("--batch", type=int, default=None)
+    parser.add_argument("--seq", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="timed steps per runner")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers")
+    parser.add_argument("--no-dispatch", action="store_true", help="skip the dispatch comparison")
+    parser.add_argument("--no-ce", action="store_true", help="skip the cross-entropy comparison")
+    parser.add_argument("--dispatch", default="dense,capacity,dropless")
+    parser.add_argument("--ce-chunk-tokens", default="256,1024",
+                        help="chunk sizes of the cross-entropy comparison")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument("--peak-n", type=int, default=1024, help="matmul size of the peak probe")
+    parser.add_argument("--peak-s", type=float, default=0.5, help="seconds per peak probe")
+    args = parser.parse_args()
+    configs = QUICK if args.quick else CONFIGS
+    args.batch = args.batch or (2 if args.quick else 4)
+    args.seq = args.seq or (32 if args.quick else 256)
+    args.rounds = args.rounds or (2 if args.quick else 3)
+    if args.quick:
+        args.peak_n, args.peak_s = 256, 0.05
+    args.ce_tokens, args.ce_d, args.ce_vocab = (64, 32, 512) if args.quick else (1024, 512, 32768)
+    args.ce_chunks = [int(c) for c in args.ce_chunk_tokens.split(",")]
+    options = StepOptions()
+    dev = jax.devices()[0]
+    env: dict[str, Any] = dict(
+        bench="env", backend=jax.default_backend(), device=dev.device_kind,
+        num_devices=jax.device_count(), cpu_count=os.cpu_count(),
+        loadavg=list(os.getloadavg()), jax=jax.__version__, quick=args.quick,
+        dtype="float32",
+    )
+    if not args.no_hf:
+        import torch
+        import transformers
+
+        env.update(torch=torch.__version__, transformers=transformers.__version__,
+                   torch_threads=torch.get_num_threads())
+    emit(**env)
+    only = [n for n in args.only.split(",") if n]
+    for name in only:
+        run_config(name, configs[name], args, options, with_hf=not args.no_hf)
+    if not args.no_dispatch and "mla_moe" in only:
+        dispatch_compare(configs["mla_moe"], args, options)
+    if not args.no_ce:
+        cross_entropy_compare(args)
+    emit(bench="end", loadavg=list(os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()
