@@ -74,6 +74,11 @@ class Transformer(nn.Module):
     returns `(logits [batch, length, vocab] float32, aux)`; aux holds `max_logits
     [layers, heads]` and, for MoE models, `moe_load [moe_layers, experts]`,
     `moe_dropped [moe_layers]` and the summed `aux_loss`.
+
+    With `return_hidden=True` it returns `(hidden [batch, length, d_model], aux)` instead:
+    the final-norm output before the LM head, so that a loss can apply the head in chunks
+    (`lm_head(cfg, params)` gives its kernel and logit multiplier). Initialize with the
+    default `return_hidden=False` (the head's parameters are created by that path).
     """
 
     cfg: ModelConfig
@@ -85,6 +90,7 @@ class Transformer(nn.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         decode: bool = False,
+        return_hidden: bool = False,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
         b, t = tokens.shape
@@ -132,6 +138,8 @@ class Transformer(nn.Module):
                 auxes.append(jax.tree.map(lambda a: a[None], aux))
 
         x = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x)
+        if return_hidden:
+            return x, _collect_aux(auxes, cfg)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
@@ -153,6 +161,18 @@ def _collect_aux(auxes: list[dict[str, jax.Array]], cfg: ModelConfig) -> dict[st
         out["moe_dropped"] = jnp.concatenate([a["dropped_frac"] for a in moe], axis=0)
         out["aux_loss"] = sum(jnp.sum(a["aux_loss"]) for a in moe)
     return out
+
+
+def lm_head(cfg: ModelConfig, params: Any) -> tuple[jax.Array, float]:
+    """`(kernel [d_model, vocab], multiplier)` with `logits = (hidden @ kernel) * multiplier`
+    for the `hidden` that `Transformer(..., return_hidden=True)` returns: the LM head (or the
+    transposed embedding when tied) in the compute dtype, and muP's output multiplier 1/m."""
+    dt = jnp.dtype(cfg.dtype)
+    if cfg.tie_embeddings:
+        kernel = jnp.transpose(params["embed"]["embedding"]).astype(dt)
+    else:
+        kernel = params["lm_head"]["kernel"].astype(dt)
+    return kernel, (1.0 / cfg.width_multiplier if cfg.mup_base_d_model else 1.0)
 
 
 def init_cache(model: Transformer, params: Any, batch_size: int) -> Any:

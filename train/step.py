@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from model import ModelConfig, Transformer, max_violation, update_router_biases
+from model.transformer import lm_head
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -33,6 +35,9 @@ class StepOptions:
     grad_accum: int = 1  # microbatches per step (the batch is split along its first axis)
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)^2) (PaLM, Sec. 5)
     skip_nonfinite: bool = True  # NaN/Inf guard: skip the update, count it
+    # Cross-entropy over chunks of about this many tokens with the LM head inside
+    # (`chunked_cross_entropy`); 0: materialize the whole [tokens, vocab] float32 logits.
+    ce_chunk_tokens: int = 512
 
 
 def cross_entropy(
@@ -51,13 +56,119 @@ def cross_entropy(
     return jnp.sum((lse - tgt) * m), jnp.sum(m), jnp.sum(lse * lse * m)
 
 
-def _forward(model: Transformer, params, router_bias, batch):
+def _scan_chunks(h, w, t, m, scale, z_loss, with_grad):
+    """Cross-entropy of `logits = (h @ w) * scale` over the leading (chunk) axis of
+    `h [C, ..., d]` with a scan. Returns the summed (objective, ce, z) and, `with_grad`,
+    d objective / d h (stacked per chunk) and d objective / d w (accumulated):
+    d objective / d logits = m * ((1 + 2 z_loss lse) softmax(logits) - onehot(t))."""
+
+    def body(dw, xs):
+        hc, tc, mc = xs
+        logits = jnp.einsum("...d,dv->...v", hc, w, preferred_element_type=jnp.float32) * scale
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        hit = jnp.arange(logits.shape[-1], dtype=tc.dtype) == tc[..., None]
+        tgt = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+        ce, z = jnp.sum((lse - tgt) * mc), jnp.sum(lse * lse * mc)
+        sums = (ce + z_loss * z, ce, z)
+        if not with_grad:
+            return dw, sums
+        coef = (mc * (1.0 + 2.0 * z_loss * lse))[..., None]
+        dl = (jnp.exp(logits - lse[..., None]) * coef - jnp.where(hit, mc[..., None], 0.0)) * scale
+        dl = dl.astype(w.dtype)
+        dh = jnp.einsum("...v,dv->...d", dl, w, preferred_element_type=jnp.float32)
+        dwc = jnp.einsum("...d,...v->dv", hc, dl, preferred_element_type=jnp.float32)
+        return dw + dwc, (*sums, dh.astype(hc.dtype))
+
+    dw0 = jnp.zeros(w.shape, jnp.float32) if with_grad else None
+    dw, outs = jax.lax.scan(body, dw0, (h, t, m))
+    sums = tuple(jnp.sum(o) for o in outs[:3])
+    return (sums, outs[3], dw.astype(w.dtype)) if with_grad else (sums, None, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _fused_ce(h, w, t, m, scale, z_loss):
+    return _scan_chunks(h, w, t, m, scale, z_loss, with_grad=False)[0]
+
+
+def _fused_ce_fwd(h, w, t, m, scale, z_loss):
+    # The gradient of the (scalar, final) objective is computed chunk by chunk here, while
+    # each chunk's logits are at hand; the backward pass only scales it.
+    sums, dh, dw = _scan_chunks(h, w, t, m, scale, z_loss, with_grad=True)
+    return sums, (dh, dw)
+
+
+def _fused_ce_bwd(scale, z_loss, res, g):
+    dh, dw = res
+    g_obj = g[0]  # ce and z leave through stop_gradient (see chunked_cross_entropy)
+    return (dh * g_obj.astype(dh.dtype), dw * g_obj.astype(dw.dtype), None, None)
+
+
+_fused_ce.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+
+
+def chunked_cross_entropy(
+    hidden: jax.Array,
+    kernel: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    logit_scale: float = 1.0,
+    z_loss: float = 0.0,
+    chunk_tokens: int = 512,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """`cross_entropy` of `logits = (hidden @ kernel) * logit_scale` without ever holding
+    the whole `[tokens, vocab]` float32 logits: the LM head is applied inside a scan over
+    chunks of the length axis (about `chunk_tokens` tokens each, all rows at once so that a
+    batch-sharded `hidden` stays sharded), and the gradient is formed in the same pass
+    (softmax - one-hot per chunk, as in Liger-Kernel's fused linear cross-entropy, Hsu et
+    al. 2024), so the backward pass stores no logits either.
+
+    Args:
+      hidden: `[batch, length, d_model]`; kernel: `[d_model, vocab]`;
+      targets, mask: `[batch, length]`.
+    Returns:
+      `(objective, ce_sum, n, z_sum)` with `objective = ce_sum + z_loss * z_sum`. Only
+      `objective` carries a gradient (to `hidden` and `kernel`); the others are statistics.
+    """
+    b, t, d = hidden.shape
+    m = jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    k = max(1, min(t, chunk_tokens // max(b, 1)))
+    pad = -t % k
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+        m = jnp.pad(m, ((0, 0), (0, pad)))
+    c = (t + pad) // k
+    chunks = lambda x: jnp.moveaxis(x.reshape((b, c, k) + x.shape[2:]), 1, 0)  # noqa: E731
+    obj, ce, z = _fused_ce(chunks(hidden), kernel, chunks(targets.astype(jnp.int32)), chunks(m),
+                           float(logit_scale), float(z_loss))
+    return obj, jax.lax.stop_gradient(ce), jnp.sum(m), jax.lax.stop_gradient(z)
+
+
+def _forward(model: Transformer, params, router_bias, batch, return_hidden: bool = False):
     return model.apply(
         {"params": params, "router_bias": router_bias},
         batch["inputs"],
         batch.get("positions"),
         batch.get("segment_ids"),
+        return_hidden=return_hidden,
     )
+
+
+def _loss_sums(model: Transformer, params, router_bias, batch, options: StepOptions):
+    """(objective = ce_sum + z_loss * z_sum, ce_sum, n, aux) of one (micro)batch."""
+    chunk = options.ce_chunk_tokens
+    if chunk > 0:
+        hidden, aux = _forward(model, params, router_bias, batch, return_hidden=True)
+        kernel, scale = lm_head(model.cfg, params)
+        obj, ce_sum, n, _ = chunked_cross_entropy(
+            hidden, kernel, batch["targets"], batch.get("mask"), logit_scale=scale,
+            z_loss=options.z_loss, chunk_tokens=chunk,
+        )
+        return obj, ce_sum, n, aux
+    logits, aux = _forward(model, params, router_bias, batch)
+    ce_sum, n, z_sum = cross_entropy(logits, batch["targets"], batch.get("mask"))
+    return ce_sum + options.z_loss * z_sum, ce_sum, n, aux
 
 
 def _tree_where(pred: jax.Array, a: Any, b: Any) -> Any:
@@ -85,9 +196,8 @@ def make_train_step(
     k = options.grad_accum
 
     def micro_loss(params, router_bias, batch, n_total):
-        logits, aux = _forward(model, params, router_bias, batch)
-        ce_sum, n, z_sum = cross_entropy(logits, batch["targets"], batch.get("mask"))
-        loss = (ce_sum + options.z_loss * z_sum) / n_total
+        obj, ce_sum, _, aux = _loss_sums(model, params, router_bias, batch, options)
+        loss = obj / n_total
         if "aux_loss" in aux:
             loss = loss + aux["aux_loss"] / k
         return loss, (ce_sum, aux)
@@ -160,12 +270,13 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(model: Transformer) -> Callable[[TrainState, dict[str, jax.Array]], dict]:
+def make_eval_step(
+    model: Transformer, options: StepOptions = StepOptions()
+) -> Callable[[TrainState, dict[str, jax.Array]], dict]:
     """`eval_step(state, batch) -> {'loss_sum', 'tokens'}` (sum over counted tokens)."""
 
     def eval_step(state: TrainState, batch):
-        logits, _ = _forward(model, state.params, state.router_bias, batch)
-        ce_sum, n, _ = cross_entropy(logits, batch["targets"], batch.get("mask"))
+        _, ce_sum, n, _ = _loss_sums(model, state.params, state.router_bias, batch, options)
         return {"loss_sum": ce_sum, "tokens": n}
 
     return eval_step
