@@ -24,22 +24,28 @@ def get_config():
             attention="mha",
         )
     )
-    c.mesh.data = 1  # one CPU device
     c.rl.task = "addition"
-    c.rl.tasks.addition.update(dict(min_digits=1, max_digits=2))
+    c.rl.tasks.addition.update(dict(min_digits=2, max_digits=2))  # 10..99 + 10..99
     c.rl.loss = "grpo"
     c.rl.n_prompts = 32
     c.rl.group_size = 8
     c.rl.temperature = 1.0
     c.rl.updates_per_batch = 2
-    c.rl.warmup_steps = 150
+    # Supervised warm-up: stopped early in its climb out of a ~10% plateau, as soon as
+    # the greedy accuracy on training prompts reaches 25% (supervised training run on to
+    # ~1500 steps reaches ~100%), so that RL has headroom.
+    c.rl.warmup_steps = 2000
+    c.rl.warmup_target_accuracy = 0.25
     c.rl.warmup_batch_size = 64
     c.rl.warmup_lr = 3e-3
-    c.rl.eval_every = 20
-    c.rl.eval_prompts = 512
-    c.optim.lr = 1e-3
-    c.optim.clip_norm = 1.0
-    c.train.steps = 600
+    c.rl.warmup_schedule = "constant"
+    c.rl.eval_every = 25
+    c.rl.eval_prompts = 512  # of the ~810 held-out problems
+    # RL: a fresh Adam's first updates are ~lr * sign(g) on every weight, so keep lr low
+    # and ramp it (lr=1e-3 without a ramp drops a 100%-accurate model to ~35% in one step).
+    c.optim.lr = 3e-4
+    c.optim.warmup_steps = 20
+    c.train.steps = 1500
     c.train.log_every = 5
-    c.checkpoint.every = 50
+    c.checkpoint.every = 100
     return c

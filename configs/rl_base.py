@@ -58,6 +58,8 @@ def get_config() -> ConfigDict:
             warmup_batch_size=64,
             warmup_lr=3e-3,  # warm-up optimizer: config.optim with this LR and schedule
             warmup_schedule="warmup_cosine",  # warmup_cosine | constant | warmup_stable_decay
+            warmup_target_accuracy=0.0,  # > 0: stop the warm-up once greedy accuracy on
+            # fixed training-split prompts reaches this (checked every eval_every steps)
         )
     )
     return c

@@ -1,15 +1,17 @@
 """`run(config)`: the whole RL job, top to bottom.
 
-config -> task -> mesh -> state (resume, or init / `rl.init_from` checkpoint, then the
+config -> task -> mesh -> state (resume, or init / `config.init_from` (a `model.hf`
+import, as in pretraining) / `rl.init_from` (a training or RL run's checkpoint), then the
 optional supervised warm-up) -> the jitted `rl_step` in a loop -> logs, greedy held-out
 evaluation and checkpoints.
 
 Files under `config.workdir`: `metrics.jsonl` + TensorBoard (`tb/`), `config.json`,
-`checkpoints/` (the `RLState`, step = RL step), `warmup/checkpoints/` (the warm-up's
-`TrainState`), `final_metrics.json`. Warm-up rows are logged at step `w - warmup_steps`
-(<= 0, their metrics prefixed `warmup/`), so RL step 0 is where the warm-up ended and
-`eval_accuracy` is one curve across both phases. Running the same command again resumes
-from the latest checkpoint (RL, or the warm-up when RL has not started).
+`checkpoints/` (the `RLState`, step = RL step; step 0 = the policy RL starts from),
+`final_metrics.json`, and for the warm-up `warmup/metrics.jsonl` + `warmup/tb/` (step =
+warm-up step) and `warmup/checkpoints/` (its `TrainState`). `eval_accuracy` (greedy,
+held-out prompts) is logged in both phases; RL's row 0 is where the warm-up ended.
+Running the same command again resumes from the latest checkpoint (RL, or the warm-up
+when RL has not started).
 """
 
 from __future__ import annotations
@@ -32,7 +34,15 @@ from model import LOGICAL_RULES, Transformer
 from model.sharding import batch_sharding
 from rl import losses
 from rl.sampling import EOS
-from rl.step import RLOptions, RLState, demo_batch, eval_prompts, make_eval_fn, make_rl_step
+from rl.step import (
+    RLOptions,
+    RLState,
+    demo_batch,
+    eval_prompts,
+    make_eval_fn,
+    make_rl_step,
+    train_prompts,
+)
 from rl.tasks import make_task
 from train import distributed
 from train.checkpoint import Checkpointer, abstract_like
@@ -44,6 +54,7 @@ from train.loop import (
     drop_metrics_after,
     global_batch,
     init_state,
+    load_init_from,
     model_config,
     opt_state_shardings,
 )
@@ -221,15 +232,16 @@ def run(config: ConfigDict) -> dict[str, Any]:
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), ckpt_every,
                             int(config.checkpoint.keep), bool(config.checkpoint.async_save))
 
-        ev_arrays = {"prompts": ev[0], "lens": ev[1], **{f"answer/{k}": v for k, v in ev[2].items()}}
-        ev_arrays = global_batch(ev_arrays, {k: batch_sharding(mesh, v.ndim)
-                                             for k, v in ev_arrays.items()})
-        ev_answer = {k.split("/", 1)[1]: v for k, v in ev_arrays.items() if k.startswith("answer/")}
         eval_jit = jax.jit(make_eval_fn(model, task, opts.max_new_tokens))
+        eval_sets = {"eval": _place(ev, mesh)}
+        if wsteps and float(r.warmup_target_accuracy) > 0:  # fixed training-split prompts
+            tr = jax.device_get(train_prompts(task, jax.random.PRNGKey(int(r.eval_seed) + 1),
+                                              n_eval, opts.holdout_modulus))
+            eval_sets["train"] = _place(tr, mesh)
 
-        def evaluate(params, router_bias) -> dict[str, Any]:
-            out = eval_jit(params, router_bias, ev_arrays["prompts"], ev_arrays["lens"], ev_answer)
-            return to_python(jax.device_get(out))
+        def evaluate(params, router_bias, split: str = "eval") -> dict[str, Any]:
+            out = to_python(jax.device_get(eval_jit(params, router_bias, *eval_sets[split])))
+            return out if split == "eval" else {"train_accuracy": out["eval_accuracy"]}
 
         base = init_state(model, tx, mesh, int(config.seed), seq)
         template = RLState(step=base.step, params=base.params, opt_state=base.opt_state,
@@ -244,6 +256,10 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 print(f"resumed from {ckpt.directory} at RL step {int(state.step)}")
                 drop_metrics_after(workdir, int(state.step))
         else:
+            if config.get("init_from", ""):  # a `python -m model.hf import` checkpoint
+                base = load_init_from(str(config.init_from), base, mesh)
+                if lead:
+                    print(f"initialized the policy from {config.init_from}")
             params, router_bias = base.params, base.router_bias
             if r.init_from:
                 got = restore_variables(r.init_from, abstract_like(
@@ -251,11 +267,9 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 params, router_bias = got["params"], got.get("router_bias", router_bias)
                 if lead:
                     print(f"initialized the policy from {r.init_from}")
-            first_eval = None
             if wsteps:
-                params, router_bias, first_eval = _warmup(
-                    config, model, task, opts, mesh, params, router_bias, hook, writer,
-                    evaluate, preempted, lead)
+                params, router_bias = _warmup(config, model, task, opts, mesh, params,
+                                              router_bias, hook, evaluate, preempted, lead)
                 if params is None:  # preempted during the warm-up (saved)
                     restore_signals()
                     ckpt.close()
@@ -267,9 +281,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
                                      ref=_ref(params, router_bias, opts.beta))
             if lead:
                 drop_metrics_after(workdir, 0)  # rows of an earlier attempt that never saved
-            if first_eval is None:
-                first_eval = evaluate(state.params, state.router_bias)
-                writer.write(0, first_eval)
+            first_eval = evaluate(state.params, state.router_bias)
+            writer.write(0, first_eval)
             ckpt.save(0, state, force=True)
             if lead:
                 print(f"RL starts at greedy held-out accuracy {first_eval['eval_accuracy']:.3f}")
@@ -349,16 +362,30 @@ def _summary(cfg, opts: RLOptions, mesh, task) -> str:
             f"{counts['total'] / 1e6:.2f}M params; mesh {sizes}")
 
 
-def _warmup(config, model, task, opts: RLOptions, mesh, params, router_bias, hook, writer,
-            evaluate, preempted, lead):
+def _place(split, mesh):
+    """Host (prompts, lens, answer) -> global arrays sharded on the batch axis."""
+    prompts, lens, answer = split
+    arrays = {"prompts": prompts, "lens": lens, **{f"answer/{k}": v for k, v in answer.items()}}
+    arrays = global_batch({k: np.asarray(v) for k, v in arrays.items()},
+                          {k: batch_sharding(mesh, np.ndim(v)) for k, v in arrays.items()})
+    ans = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("answer/")}
+    return arrays["prompts"], arrays["lens"], ans
+
+
+def _warmup(config, model, task, opts: RLOptions, mesh, params, router_bias, hook, evaluate,
+            preempted, lead):
     """Supervised warm-up on task demonstrations (prompt -> answer + EOS, loss on the
     answer tokens only) with `train.step.make_train_step`: the same model, a fresh
     optimizer = config.optim with `rl.warmup_lr` and `rl.warmup_schedule` over
-    `rl.warmup_steps` (linear warm-up over the first 10%). Resumable
-    (`workdir/warmup/checkpoints`). Returns the final (params, router_bias, last eval
-    metrics), or Nones when a preemption stopped it."""
+    `rl.warmup_steps` (linear warm-up over the first 10%). With
+    `rl.warmup_target_accuracy` > 0 it stops at the first evaluation (every
+    `rl.eval_every` steps) where the greedy accuracy on fixed training-split prompts
+    reaches the target. Logs to `workdir/warmup/metrics.jsonl` (+ `tb/`); resumable
+    (`workdir/warmup/checkpoints`). Returns the final (params, router_bias), or Nones
+    when a preemption stopped it."""
     r = config.rl
     w_total, bs = int(r.warmup_steps), int(r.warmup_batch_size)
+    target = float(r.warmup_target_accuracy)
     wcfg = ConfigDict(config.optim.to_dict())
     wcfg.lr = float(r.warmup_lr)
     wcfg.schedule = r.warmup_schedule
@@ -369,33 +396,33 @@ def _warmup(config, model, task, opts: RLOptions, mesh, params, router_bias, hoo
         wsched = optim.build_schedule(wcfg)
     except ValueError as e:
         raise UserError(f"config.rl.warmup_* (warm-up optimizer): {e}") from e
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    p_shard = jax.tree.map(lambda x: x.sharding, params)
-    abstract_opt = jax.eval_shape(wtx.init, params)
-    o_shard = opt_state_shardings(abstract_opt, params, p_shard, replicated)
-    def zero():
-        return jax.device_put(jnp.zeros((), jnp.int32), replicated)
-
-    state = TrainState(step=zero(), params=params, opt_state=jax.jit(wtx.init, out_shardings=o_shard)(
-        params), router_bias=router_bias,
-        rng=jax.device_put(jax.random.PRNGKey(int(config.seed) + 1), replicated),
-        bad_steps=zero())
-    workdir = config.workdir
-    every = max(int(config.checkpoint.every), 1)
-    ckpt = Checkpointer(os.path.join(workdir, "warmup", "checkpoints"), every,
-                        int(config.checkpoint.keep),
-                        bool(config.checkpoint.async_save))
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(abstract_like(state))
-        if lead:
-            print(f"resumed the warm-up from {ckpt.directory} at step {int(state.step)}")
-            drop_metrics_after(workdir, int(state.step) - w_total)
-    train_step = make_train_step(model, wtx, wsched, StepOptions(), hook)
     try:  # fail early (no demonstrations, answers too long)
         jax.eval_shape(lambda k: demo_batch(task, k, bs, opts.max_new_tokens,
                                             opts.holdout_modulus), jax.random.PRNGKey(0))
     except ValueError as e:
         raise UserError(f"config.rl.warmup_steps: {e}") from e
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    p_shard = jax.tree.map(lambda x: x.sharding, params)
+    o_shard = opt_state_shardings(jax.eval_shape(wtx.init, params), params, p_shard, replicated)
+
+    def scalar(x):
+        return jax.device_put(x, replicated)
+
+    state = TrainState(
+        step=scalar(jnp.zeros((), jnp.int32)), params=params,
+        opt_state=jax.jit(wtx.init, out_shardings=o_shard)(params), router_bias=router_bias,
+        rng=scalar(jax.random.PRNGKey(int(config.seed) + 1)),
+        bad_steps=scalar(jnp.zeros((), jnp.int32)))
+    wdir = os.path.join(config.workdir, "warmup")
+    every = max(int(config.checkpoint.every), 1)
+    ckpt = Checkpointer(os.path.join(wdir, "checkpoints"), every, int(config.checkpoint.keep),
+                        bool(config.checkpoint.async_save))
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(abstract_like(state))
+        if lead:
+            print(f"resumed the warm-up from {ckpt.directory} at step {int(state.step)}")
+            drop_metrics_after(wdir, int(state.step))
+    train_step = make_train_step(model, wtx, wsched, StepOptions(), hook)
 
     def wstep(s: TrainState):
         key = jax.random.fold_in(s.rng, s.step)
@@ -404,35 +431,45 @@ def _warmup(config, model, task, opts: RLOptions, mesh, params, router_bias, hoo
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jax.jit(wstep, in_shardings=(shardings,), out_shardings=(shardings, None),
                       donate_argnums=0)
+    writer = MetricWriter(wdir, enabled=lead)
     log_every = max(int(config.train.log_every), 1)
     eval_every = int(r.eval_every)
     first = int(state.step)
     bar = tqdm(total=w_total, initial=first, dynamic_ncols=True, desc="warm-up",
                disable=not (config.train.progress and lead))
-    m: dict[str, Any] = {}
+    stopped = None
     for w in range(first, w_total):
         state, metrics = step_fn(state)
         done = w + 1
         is_eval = eval_every > 0 and done % eval_every == 0 or done == w_total
+        reached = False
         if done % log_every == 0 or is_eval:
-            m = {f"warmup/{k}": v for k, v in to_python(jax.device_get(metrics)).items()
+            m = {k: v for k, v in to_python(jax.device_get(metrics)).items()
                  if not isinstance(v, list)}
             if is_eval:
                 m.update(evaluate(state.params, state.router_bias))
-            writer.write(done - w_total, m)
-            bar.set_postfix(loss=f"{m['warmup/loss']:.3f}")
+                if target > 0:
+                    m.update(evaluate(state.params, state.router_bias, "train"))
+                    reached = m["train_accuracy"] >= target
+            writer.write(done, m)
+            bar.set_postfix(loss=f"{m['loss']:.3f}")
         bar.update(1)
         stop = _should_stop(preempted, done % log_every == 0)
-        if done % every == 0 or done == w_total or stop:
+        if done % every == 0 or done == w_total or stop or reached:
             ckpt.save(done, state, force=True)
+        if reached:
+            if lead:
+                print(f"\nwarm-up reached train_accuracy {m['train_accuracy']:.3f} >= "
+                      f"{target} at step {done}")
+            break
         if stop:
             if lead:
                 print(f"\nreceived {stop}: saved warm-up step {done}; rerun the command to resume")
-            bar.close()
-            ckpt.close()
-            return None, None, None
+            stopped = stop
+            break
     bar.close()
     ckpt.close()
-    if "eval_accuracy" not in m:  # resumed after the warm-up's last step (row 0 logged)
-        m = evaluate(state.params, state.router_bias)
-    return state.params, state.router_bias, m
+    writer.close()
+    if stopped:
+        return None, None
+    return state.params, state.router_bias

@@ -1,5 +1,6 @@
-"""Plot an RL run's curves from its `metrics.jsonl`: greedy held-out accuracy
-(`eval_accuracy`, warm-up rows at steps <= 0) and the rollouts' reward mean vs step.
+"""Plot an RL run's curves from its `metrics.jsonl` (and `warmup/metrics.jsonl`): greedy
+held-out accuracy (`eval_accuracy`; the warm-up's drawn at steps <= 0, ending at RL step 0)
+and the rollouts' reward mean vs step.
 
     python -m rl.plot runs/rl_arith [--out docs/rl_arith.png]
 """
@@ -34,9 +35,13 @@ def plot(workdir: str, out: str, title: str | None = None) -> dict[str, float]:
     import matplotlib.pyplot as plt
 
     rows = read_metrics(workdir)
-    ev = [(r["step"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+    wrows = (read_metrics(os.path.join(workdir, "warmup"))
+             if os.path.exists(os.path.join(workdir, "warmup", "metrics.jsonl")) else [])
+    shift = wrows[-1]["step"] if wrows else 0  # warm-up steps drawn at <= 0
+    wl = [(r["step"] - shift, r["eval_accuracy"]) for r in wrows if "eval_accuracy" in r]
+    ev = wl + [(r["step"], r["eval_accuracy"]) for r in rows
+               if "eval_accuracy" in r and not (wl and r["step"] == 0)]
     rw = [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r]
-    wl = [(r["step"], r["warmup/loss"]) for r in rows if "warmup/loss" in r]
     if not ev:
         raise SystemExit(f"no eval_accuracy rows in {workdir}/metrics.jsonl")
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
@@ -46,9 +51,9 @@ def plot(workdir: str, out: str, title: str | None = None) -> dict[str, float]:
     ax.plot(*zip(*ev, strict=True), "o-", color="tab:blue", ms=3, lw=1.6,
             label="greedy accuracy, held-out prompts")
     ax.axvline(0, color="gray", ls="--", lw=1)
-    ax.text(0, 1.02, " RL starts", color="gray", va="bottom", transform=ax.get_xaxis_transform())
+    ax.text(0, 0.97, " RL ->", color="gray", va="top", transform=ax.get_xaxis_transform())
     if wl:
-        ax.text(min(s for s, _ in wl), 1.02, "supervised warm-up", color="gray", va="bottom",
+        ax.text(0, 0.97, "warm-up ", color="gray", va="top", ha="right",
                 transform=ax.get_xaxis_transform())
     ax.set_xlabel("step (warm-up steps <= 0, RL steps > 0)")
     ax.set_ylabel("accuracy / reward")

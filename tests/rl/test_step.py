@@ -181,7 +181,7 @@ def _loop_config(workdir):
     c.model.update(dict(d_model=32, n_layers=1, n_heads=2, ffn_dim=64))
     c.mesh.data = -1  # 8 devices
     c.rl.update(dict(n_prompts=4, group_size=4, warmup_steps=2, warmup_batch_size=16,
-                     eval_prompts=16, eval_every=2))
+                     eval_prompts=16, eval_every=2, warmup_target_accuracy=0.9))
     c.train.update(dict(steps=3, log_every=1, progress=False))
     c.checkpoint.update(dict(every=1, keep=10, async_save=False))
     return c
@@ -197,8 +197,10 @@ def test_loop_warmup_rl_resume_and_generate(tmp_path, capsys):
     c = _loop_config(work)
     last = rl_loop.run(c)
     rows = _rows(work)
-    assert sorted(rows) == [-1, 0, 1, 2, 3] and last["step"] == 3
-    assert "warmup/loss" in rows[-1] and "eval_accuracy" in rows[0] and "eval_accuracy" in rows[2]
+    warm = _rows(work / "warmup")
+    assert sorted(rows) == [0, 1, 2, 3] and last["step"] == 3 and sorted(warm) == [1, 2]
+    assert "loss" in warm[1] and "eval_accuracy" in warm[2] and "train_accuracy" in warm[2]
+    assert "eval_accuracy" in rows[0] and "eval_accuracy" in rows[2]
     for k in ("reward_mean", "reward_std", "accuracy", "response_len", "clip_frac", "kl",
               "entropy", "mismatch", "lr"):
         assert k in rows[3], k
@@ -218,7 +220,7 @@ def test_loop_warmup_rl_resume_and_generate(tmp_path, capsys):
     shutil.rmtree(work / "checkpoints" / "3")
     rl_loop.run(c)
     again = _rows(work)
-    assert sorted(again) == [-1, 0, 1, 2, 3]
+    assert sorted(again) == [0, 1, 2, 3]
     for k, v in rows[3].items():
         if k not in ("step_s", "samples_per_s"):
             np.testing.assert_allclose(again[3][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
