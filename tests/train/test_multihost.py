@@ -10,29 +10,12 @@ import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-COMMON = [
-    "--config", "configs/tiny.py",
-    "--config.model.d_model=48", "--config.model.n_layers=2", "--config.model.n_heads=2",
-    "--config.model.q_lora_rank=0", "--config.model.kv_lora_rank=16",
-    "--config.model.qk_nope_head_dim=16", "--config.model.qk_rope_head_dim=8",
-    "--config.model.v_head_dim=16", "--config.model.ffn_dim=96",
-    "--config.model.n_routed_experts=4", "--config.model.moe_ffn_dim=32",
-    "--config.model.max_seq_len=64",
-    "--config.data.max_files=40", "--config.data.seq_len=32", "--config.data.batch_size=8",
+STEPS = [
     "--config.train.steps=6", "--config.train.log_every=2", "--config.train.eval_every=6",
-    "--config.train.eval_batches=1", "--config.train.progress=False",
+    "--config.train.eval_batches=1",
     "--config.optim.total_steps=16", "--config.optim.warmup_steps=2",
     "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.expert=2",
 ]
-
-
-def _env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
 
 
 def _free_port() -> int:
@@ -46,20 +29,21 @@ def _metrics(workdir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one(tmp_path, tiny_args, cpu_env, root):
+    common = tiny_args + STEPS
     single = tmp_path / "single"
-    r = subprocess.run([sys.executable, "-m", "train", *COMMON, f"--config.workdir={single}"],
-                       cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-m", "train", *common, f"--config.workdir={single}"],
+                       cwd=root, env=cpu_env(8), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
     multi = tmp_path / "multi"
     port = _free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "train", *COMMON, f"--config.workdir={multi}",
+            [sys.executable, "-m", "train", *common, f"--config.workdir={multi}",
              f"--config.distributed.coordinator_address=127.0.0.1:{port}",
              "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
-            cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=root, env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for i in range(2)
     ]
@@ -73,11 +57,11 @@ def test_two_processes_match_one(tmp_path):
     np.testing.assert_allclose(a[-1]["eval_loss"], b[-1]["eval_loss"], rtol=1e-5)
 
     # The checkpoint saved on 8 devices restores onto 4 (another mesh) and training goes on.
-    args = [x for x in COMMON if not x.startswith(("--config.train.steps", "--config.mesh"))]
+    args = [x for x in common if not x.startswith(("--config.train.steps", "--config.mesh"))]
     r = subprocess.run(
         [sys.executable, "-m", "train", *args, f"--config.workdir={single}",
          "--config.train.steps=8", "--config.mesh.data=2", "--config.mesh.fsdp=2"],
-        cwd=ROOT, env=_env(4), capture_output=True, text=True, timeout=600,
+        cwd=root, env=cpu_env(4), capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout and "4 cpu device(s)" in r.stdout

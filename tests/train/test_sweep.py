@@ -27,7 +27,7 @@ EXPERIMENTS = ("mup_transfer", "muon_vs_adamw", "moe_balancing", "qk_clip", "sca
 def tiny_sweep(workdir, grid, steps=4, plot=None):
     c = common.get_config("t")
     c.workdir = str(workdir)
-    c.model.update(dict(d_model=32, n_heads=2, ffn_dim=64, max_seq_len=16))
+    c.model.update(dict(d_model=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=16))
     c.data.update(dict(max_files=20, seq_len=16, batch_size=8))
     c.train.update(dict(steps=steps, log_every=1, eval_batches=1))
     c.optim.update(dict(warmup_steps=1))
