@@ -59,6 +59,7 @@ def get_config() -> ConfigDict:
             aux_loss_alpha=0.0,
             bias_update_rate=0.001,
             capacity_factor=2.0,
+            moe_dispatch='capacity',
             tie_embeddings=False,
             scale_embeddings=True,
             norm_eps=1e-06,

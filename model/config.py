@@ -76,6 +76,10 @@ class ModelConfig:
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (V3 uses 1e-4)
     bias_update_rate: float = 1e-3  # u of the loss-free balancing update
     capacity_factor: float = 2.0  # expert capacity = ceil(cf * tokens * top_k / experts)
+    # Token dispatch to the routed experts (see model/moe.py): "capacity" (per-expert buffers
+    # of the size above, overflow dropped), "dropless" (sorted by expert, grouped matmul over
+    # row blocks, nothing dropped), "dense" (every token through every expert, one-hot gates).
+    moe_dispatch: Literal["capacity", "dropless", "dense"] = "capacity"
 
     # --- embeddings / head / norms ---
     tie_embeddings: bool = False
@@ -181,6 +185,8 @@ class ModelConfig:
                 f"first_k_dense={self.first_k_dense} must be in [0, n_layers={self.n_layers}]",
             )
             need(self.capacity_factor > 0, f"capacity_factor={self.capacity_factor} must be > 0")
+            need(self.moe_dispatch in ("capacity", "dropless", "dense"),
+                 f"moe_dispatch={self.moe_dispatch!r} must be capacity|dropless|dense")
         need(self.mup_base_d_model >= 0, f"mup_base_d_model={self.mup_base_d_model} must be >= 0")
         need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be > 0")
         if errors:

@@ -8,20 +8,35 @@ in the `router_bias` variable collection); the gate of a chosen expert is its ra
 normalized over the chosen experts, times `routed_scaling_factor`. After each step
 `update_router_bias` moves b_i by u * sign(mean_load - load_i).
 
-Dispatch is capacity-based: each expert processes at most
-C = ceil(capacity_factor * tokens * top_k / experts) tokens in a `[experts, C, d_model]`
-buffer (one batched matmul per projection, sharded on the `expert` axis); assignments past
-an expert's capacity are dropped (top-1 choices have priority over top-2, ...) and their
-fraction is reported. Compute is O(capacity_factor * tokens * top_k), not O(tokens * experts).
+Dispatch (`ModelConfig.moe_dispatch`):
+
+- `"capacity"` (default): each expert processes at most
+  C = ceil(capacity_factor * tokens * top_k / experts) tokens in a `[experts, C, d_model]`
+  buffer (one batched matmul per projection, sharded on the `expert` axis); assignments past
+  an expert's capacity are dropped (top-1 choices have priority over top-2, ...) and their
+  fraction is reported. Compute is O(capacity_factor * tokens * top_k).
+- `"dropless"`: the (token, expert) assignments are sorted by expert and laid out in row
+  blocks of `B` rows, each expert's rows padded to a multiple of `B` (MegaBlocks, Gale et
+  al. 2022); a scan over the blocks applies each block's expert (a grouped matmul) and skips
+  the unused tail blocks, so compute is tokens * top_k rows plus under `B` padding rows per
+  expert, and nothing is dropped. With an `expert` mesh axis of size > 1 the blocks of each
+  device's experts are computed where the experts live, tokens travelling there and back
+  with two `all_to_all`s (`jax.shard_map` over `expert`).
+- `"dense"`: every token through every expert, outputs combined with one-hot gates:
+  O(tokens * experts), the reference the others are measured against.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.interpreters import pxla
+from jax.sharding import AbstractMesh, Mesh
+from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
 from model.layers import Linear, SwiGLU, constrain, hidden_std
@@ -122,29 +137,277 @@ def capacity(n_tokens: int, n_experts: int, top_k: int, factor: float) -> int:
     return max(1, min(n_tokens, math.ceil(factor * n_tokens * top_k / n_experts)))
 
 
+def block_rows(n_assign: int, n_experts: int) -> int:
+    """Rows per block of the dropless grouped matmul: a power of two near a quarter of the
+    mean expert load, in [8, 128] (padding waste < B rows per expert)."""
+    target = max(1, n_assign // (4 * n_experts))
+    return max(8, min(128, 1 << (target.bit_length() - 1)))
+
+
+def sorted_layout(
+    flat_e: jax.Array, n_experts: int, block: int
+) -> tuple[jax.Array, jax.Array, jax.Array, int]:
+    """The dropless row layout of assignments `flat_e [A]` (expert ids).
+
+    Assignments are sorted by expert (stably) and expert e's rows start at a multiple of
+    `block`. Returns `(row [A]`: row of each assignment, `first [E]`: first block of each
+    expert, `n_blocks [E]`: blocks of each expert = ceil(load_e / block)`, rows)` where
+    `rows = block * ((A + E (block - 1)) // block)` is the static bound on the layout."""
+    a = flat_e.shape[0]
+    e, b = n_experts, block
+    counts = jnp.zeros((e,), jnp.int32).at[flat_e].add(1)
+    n_blocks = (counts + b - 1) // b
+    first = jnp.cumsum(n_blocks) - n_blocks
+    start = jnp.cumsum(counts) - counts
+    order = jnp.argsort(flat_e, stable=True)
+    se = flat_e[order]
+    row_sorted = first[se] * b + jnp.arange(a, dtype=jnp.int32) - start[se]
+    row = jnp.zeros((a,), jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
+    return row, first.astype(jnp.int32), n_blocks.astype(jnp.int32), b * ((a + e * (b - 1)) // b)
+
+
+def _silu_grad(g: jax.Array) -> jax.Array:
+    s = jax.nn.sigmoid(g)
+    return s * (1 + g * (1 - s))
+
+
+def _grouped_fwd(xs, first, n_blocks, w_gate, w_up, w_down, block):
+    """Forward of `grouped_swiglu`, also returning the pre-activations for the backward."""
+    rows, d = xs.shape
+    f = w_gate.shape[-1]
+    dslice = jax.lax.dynamic_slice_in_dim
+    dupdate = jax.lax.dynamic_update_slice_in_dim
+
+    def expert(carry, inp):
+        wg, wu, wd, b0, nb = inp
+
+        def blk(j, c):
+            ys, gs, us = c
+            r0 = (b0 + j) * block
+            x = dslice(xs, r0, block)
+            g, u = x @ wg, x @ wu
+            y = (nn.silu(g) * u) @ wd
+            return dupdate(ys, y, r0, 0), dupdate(gs, g, r0, 0), dupdate(us, u, r0, 0)
+
+        return jax.lax.fori_loop(0, nb, blk, carry), None
+
+    init = (jnp.zeros((rows, d), xs.dtype), jnp.zeros((rows, f), xs.dtype),
+            jnp.zeros((rows, f), xs.dtype))
+    (ys, gs, us), _ = jax.lax.scan(expert, init, (w_gate, w_up, w_down, first, n_blocks))
+    return ys, gs, us
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def grouped_swiglu(xs, first, n_blocks, w_gate, w_up, w_down, block):
+    """Grouped SwiGLU over the sorted row layout (`sorted_layout`): rows of blocks
+    `first[e] .. first[e] + n_blocks[e] - 1` of `xs [rows, d]` go through expert e of the
+    stacked `[E, ...]` weights; other rows give 0. Only the blocks in use are computed (a
+    loop per expert with a data-dependent trip count), in the backward pass too (custom VJP:
+    each expert's weight gradient is accumulated over its own blocks only)."""
+    return _grouped_fwd(xs, first, n_blocks, w_gate, w_up, w_down, block)[0]
+
+
+def _grouped_vjp_fwd(xs, first, n_blocks, w_gate, w_up, w_down, block):
+    ys, gs, us = _grouped_fwd(xs, first, n_blocks, w_gate, w_up, w_down, block)
+    return ys, (xs, gs, us, first, n_blocks, w_gate, w_up, w_down)
+
+
+def _grouped_vjp_bwd(block, res, dys):
+    xs, gs, us, first, n_blocks, w_gate, w_up, w_down = res
+    dslice = jax.lax.dynamic_slice_in_dim
+    f32 = jnp.float32
+
+    def expert(dx, inp):
+        wg, wu, wd, b0, nb = inp
+
+        def blk(j, c):
+            dx, dwg, dwu, dwd = c
+            r0 = (b0 + j) * block
+            x, g, u, dy = (dslice(a, r0, block) for a in (xs, gs, us, dys))
+            sg = nn.silu(g)
+            dwd = dwd + jnp.einsum("bf,bd->fd", sg * u, dy, preferred_element_type=f32)
+            dh = dy @ wd.T
+            dg, du = dh * u * _silu_grad(g), dh * sg
+            dwg = dwg + jnp.einsum("bd,bf->df", x, dg, preferred_element_type=f32)
+            dwu = dwu + jnp.einsum("bd,bf->df", x, du, preferred_element_type=f32)
+            dxb = dg @ wg.T + du @ wu.T
+            return jax.lax.dynamic_update_slice_in_dim(dx, dxb.astype(dx.dtype), r0, 0), dwg, dwu, dwd
+
+        zeros = (jnp.zeros(wg.shape, f32), jnp.zeros(wu.shape, f32), jnp.zeros(wd.shape, f32))
+        dx, *dw = jax.lax.fori_loop(0, nb, blk, (dx, *zeros))
+        return dx, tuple(dw)
+
+    dx, (dwg, dwu, dwd) = jax.lax.scan(
+        expert, jnp.zeros_like(xs), (w_gate, w_up, w_down, first, n_blocks))
+    return (dx, None, None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype),
+            dwd.astype(w_down.dtype))
+
+
+grouped_swiglu.defvjp(_grouped_vjp_fwd, _grouped_vjp_bwd)
+
+
 class Experts(nn.Module):
-    """Stacked SwiGLU experts, `[E, d_in, d_out]` weights sharded on `expert`."""
+    """Stacked SwiGLU experts, `[E, d_in, d_out]` weights sharded on `expert`.
+
+    `__call__` runs the capacity buffers, `dense` and `dropless` the other dispatches
+    (`ModelConfig.moe_dispatch`); all three use the same parameters."""
 
     cfg: ModelConfig
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """`x [experts, capacity, d_model] -> [experts, capacity, d_model]`."""
+    def setup(self) -> None:
         cfg = self.cfg
         e, d, f = cfg.n_routed_experts, cfg.d_model, cfg.moe_ffn_dim
-        pd, dt = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+        pd = jnp.dtype(cfg.param_dtype)
         init = nn.initializers.normal(hidden_std(cfg))
-        w = lambda name, shape, axes: self.param(
+        w = lambda name, shape, axes: self.param(  # noqa: E731
             name, nn.with_logical_partitioning(init, axes), shape, pd
-        ).astype(dt)
-        w_gate = w("w_gate", (e, d, f), ("expert", "embed", "mlp"))
-        w_up = w("w_up", (e, d, f), ("expert", "embed", "mlp"))
-        w_down = w("w_down", (e, f, d), ("expert", "mlp", "embed"))
-        x = x.astype(dt)
+        )
+        self.w_gate = w("w_gate", (e, d, f), ("expert", "embed", "mlp"))
+        self.w_up = w("w_up", (e, d, f), ("expert", "embed", "mlp"))
+        self.w_down = w("w_down", (e, f, d), ("expert", "mlp", "embed"))
+
+    def _weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        dt = jnp.dtype(self.cfg.dtype)
+        return self.w_gate.astype(dt), self.w_up.astype(dt), self.w_down.astype(dt)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`x [experts, capacity, d_model] -> [experts, capacity, d_model]`."""
+        w_gate, w_up, w_down = self._weights()
+        x = x.astype(w_gate.dtype)
         g = jnp.einsum("ecd,edf->ecf", x, w_gate)
         u = jnp.einsum("ecd,edf->ecf", x, w_up)
         h = constrain(nn.silu(g) * u, ("act_expert", "capacity", "act_mlp"))
         return jnp.einsum("ecf,efd->ecd", h, w_down)
+
+    def dense(self, x: jax.Array, combine: jax.Array) -> jax.Array:
+        """Every token through every expert: `x [n, d]`, `combine [n, E]` (gate of each
+        chosen expert, 0 elsewhere) -> `[n, d]`."""
+        w_gate, w_up, w_down = self._weights()
+        x = x.astype(w_gate.dtype)
+        h = nn.silu(jnp.einsum("nd,edf->enf", x, w_gate)) * jnp.einsum("nd,edf->enf", x, w_up)
+        h = constrain(h, ("act_expert", None, "act_mlp"))
+        return jnp.einsum("enf,efd,ne->nd", h, w_down, combine.astype(h.dtype))
+
+    def dropless(self, x: jax.Array, idx: jax.Array, gates: jax.Array) -> jax.Array:
+        """Sorted dispatch: `x [n, d]`, chosen experts `idx [n, k]` and their `gates [n, k]`
+        -> `sum_k gates * expert_k(x)` `[n, d]`, every assignment computed. Expert-parallel
+        (`expert_parallel_dropless`) when the mesh in context splits the `expert` axis."""
+        w = self._weights()
+        x = x.astype(w[0].dtype)
+        ep = _expert_mesh(self.cfg.n_routed_experts, x.shape[0])
+        if ep is not None:
+            return expert_parallel_dropless(x, idx, gates, w, *ep)
+        return dropless_combine(x, idx, gates, w)
+
+
+def dropless_combine(
+    x: jax.Array, idx: jax.Array, gates: jax.Array, w: tuple[jax.Array, jax.Array, jax.Array],
+    block: int | None = None,
+) -> jax.Array:
+    """Single-device dropless MoE: `sum_k gates[:, k] * expert_{idx[:, k]}(x)`."""
+    n, d = x.shape
+    k, e = idx.shape[1], w[0].shape[0]
+    flat_e = idx.reshape(n * k)  # token-major
+    block = block or block_rows(n * k, e)
+    row, first, n_blocks, rows = sorted_layout(flat_e, e, block)
+    # Gather rows from x (row -> token; empty rows read a zero row appended at index n).
+    row_tok = jnp.full((rows,), n, jnp.int32).at[row].set(
+        jnp.repeat(jnp.arange(n, dtype=jnp.int32), k))
+    xs = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_tok]
+    ys = grouped_swiglu(xs, first, n_blocks, *w, block)
+    y = ys[row].reshape(n, k, d)
+    return jnp.einsum("nkd,nk->nd", y, gates.astype(y.dtype))
+
+
+def _capacity_dispatch(
+    experts: Experts, xf: jax.Array, idx: jax.Array, gates: jax.Array, c: int,
+    valid: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Capacity buffers `[E, c, d]`; assignment order is k-major so top-1 choices win
+    capacity. Returns (`y [n, d]`, fraction of valid assignments dropped)."""
+    n, d = xf.shape
+    k, e = idx.shape[1], experts.cfg.n_routed_experts
+    flat_e = idx.T.reshape(k * n)  # [k*n]
+    tok = jnp.tile(jnp.arange(n), k)
+    onehot = jax.nn.one_hot(flat_e, e, dtype=jnp.int32)
+    pos = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # slot in expert
+    keep = pos < c
+    buf = jnp.zeros((e, c, d), xf.dtype).at[flat_e, pos].set(xf[tok], mode="drop")
+    buf = constrain(buf, ("act_expert", "capacity", "act_embed"))
+    out = experts(buf)
+    y_assign = out[flat_e, jnp.minimum(pos, c - 1)] * keep[:, None].astype(out.dtype)
+    w = gates.T.reshape(k * n, 1).astype(out.dtype)
+    y = jnp.sum((y_assign * w).reshape(k, n, d), axis=0)
+    vk = jnp.tile(jnp.ones((n,), bool) if valid is None else valid, k)
+    return y, jnp.sum(vk & ~keep) / jnp.maximum(jnp.sum(vk), 1)
+
+
+def _expert_mesh(n_experts: int, n_tokens: int) -> tuple[Mesh | AbstractMesh, str] | None:
+    """`(mesh, axis)` when the mesh in context (`jax.set_mesh` or the legacy `with mesh:`)
+    splits the mesh axis that the logical rules map `act_expert` to over more than one
+    device and that size divides the expert and token counts; else None."""
+    axis = nn.logical_to_mesh_axes(("act_expert",))[0]
+    if not isinstance(axis, str):
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        mesh = pxla.thread_resources.env.physical_mesh
+    if mesh.empty or axis not in mesh.axis_names:
+        return None
+    size = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))[axis]
+    return (mesh, axis) if size > 1 and n_experts % size == 0 == n_tokens % size else None
+
+
+def expert_parallel_dropless(
+    x: jax.Array, idx: jax.Array, gates: jax.Array,
+    w: tuple[jax.Array, jax.Array, jax.Array], mesh: Mesh | AbstractMesh, axis: str,
+) -> jax.Array:
+    """Dropless MoE with the experts split over mesh axis `axis` (expert parallelism).
+
+    Inside `jax.shard_map` over `axis` (the other mesh axes stay automatic), each device
+    holds `n / ep` tokens and `E / ep` experts. It sorts its assignments by expert (so by
+    destination device), sends them with one `all_to_all` (a slot of `n / ep * k` rows per
+    destination: room for every assignment going to one device, hence nothing dropped),
+    runs the grouped SwiGLU of its own experts over the rows it received (only the blocks
+    in use), and returns the outputs with a second `all_to_all`; the gates are applied on
+    the tokens' own device. Equals `dropless_combine` on one device.
+    """
+    ep = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))[axis]
+    n, d = x.shape
+    k, e = idx.shape[1], w[0].shape[0]
+    el = e // ep
+    block = block_rows(n * k, e)
+
+    def local(x, idx, gates, wg, wu, wd):
+        nl = x.shape[0]
+        a = nl * k
+        flat_e = idx.reshape(a)
+        dest = flat_e // el
+        # Slot of each assignment within its destination's buffer (stable, by expert).
+        order = jnp.argsort(flat_e, stable=True)
+        count = jnp.zeros((ep,), jnp.int32).at[dest].add(1)
+        sd = dest[order]
+        slot_sorted = jnp.arange(a, dtype=jnp.int32) - (jnp.cumsum(count) - count)[sd]
+        slot = jnp.zeros((a,), jnp.int32).at[order].set(slot_sorted.astype(jnp.int32))
+        tok = jnp.repeat(jnp.arange(nl, dtype=jnp.int32), k)
+        send_x = jnp.zeros((ep, a, d), x.dtype).at[dest, slot].set(x[tok])
+        send_e = jnp.full((ep, a), el, jnp.int32).at[dest, slot].set(flat_e - dest * el)
+        exchange = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0,
+                                     concat_axis=0, tiled=True)
+        recv_x, recv_e = exchange(send_x).reshape(ep * a, d), exchange(send_e).reshape(ep * a)
+        # Local experts 0..el-1; empty slots carry expert id el, whose blocks are not run.
+        row, first, n_blocks, rows = sorted_layout(recv_e, el + 1, block)
+        row_src = jnp.full((rows,), ep * a, jnp.int32).at[row].set(
+            jnp.arange(ep * a, dtype=jnp.int32))
+        xs = jnp.concatenate([recv_x, jnp.zeros((1, d), x.dtype)])[row_src]
+        ys = grouped_swiglu(xs, first[:el], n_blocks[:el], wg, wu, wd, block)
+        back = exchange(ys[row].reshape(ep, a, d))
+        y = back[dest, slot].reshape(nl, k, d)
+        return jnp.einsum("nkd,nk->nd", y, gates.astype(y.dtype))
+
+    spec = P(axis)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 6, out_specs=spec,
+                         axis_names={axis}, check_vma=False)(x, idx, gates, *w)
 
 
 class MoE(nn.Module):
@@ -179,27 +442,21 @@ class MoE(nn.Module):
         valid = None if segment_ids is None else (segment_ids.reshape(n) != 0)
         load = expert_load(idx, e, valid)
 
-        # Capacity dispatch; assignment order is k-major so top-1 choices win capacity.
-        c = capacity(n, e, k, cfg.capacity_factor)
-        flat_e = idx.T.reshape(k * n)  # [k*n]
-        tok = jnp.tile(jnp.arange(n), k)
-        onehot = jax.nn.one_hot(flat_e, e, dtype=jnp.int32)
-        pos = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # slot in expert
-        keep = pos < c
         xf = x.reshape(n, d)
-        buf = jnp.zeros((e, c, d), x.dtype).at[flat_e, pos].set(xf[tok], mode="drop")
-        buf = constrain(buf, ("act_expert", "capacity", "act_embed"))
-        out = Experts(cfg, name="experts")(buf)
-        y_assign = out[flat_e, jnp.minimum(pos, c - 1)] * keep[:, None].astype(out.dtype)
-        w = gates.T.reshape(k * n, 1).astype(out.dtype)
-        y = jnp.sum((y_assign * w).reshape(k, n, d), axis=0).reshape(b, t, d)
+        experts = Experts(cfg, name="experts")
+        if cfg.moe_dispatch == "capacity":
+            y, dropped = _capacity_dispatch(experts, xf, idx, gates, c=capacity(
+                n, e, k, cfg.capacity_factor), valid=valid)
+        elif cfg.moe_dispatch == "dense":
+            combine = jnp.sum(jax.nn.one_hot(idx, e, dtype=gates.dtype) * gates[..., None], axis=1)
+            y, dropped = experts.dense(xf, combine), jnp.zeros((), jnp.float32)
+        else:
+            y, dropped = experts.dropless(xf, idx, gates), jnp.zeros((), jnp.float32)
+        y = y.reshape(b, t, d)
 
         if cfg.n_shared_experts:
             y = y + SwiGLU(cfg, cfg.n_shared_experts * cfg.moe_ffn_dim, name="shared")(x)
 
-        vflat = jnp.ones((n,), bool) if valid is None else valid
-        vk = jnp.tile(vflat, k)
-        dropped = jnp.sum(vk & ~keep) / jnp.maximum(jnp.sum(vk), 1)
         aux_loss = jnp.zeros((), jnp.float32)
         if cfg.aux_loss_alpha > 0:
             aux_loss = cfg.aux_loss_alpha * sequence_aux_loss(

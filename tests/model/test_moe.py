@@ -1,7 +1,9 @@
 """DeepSeek-V3 MoE: routing by hand (bias, gates, groups), the loss-free bias update by hand
 and its effect on a skewed router, dispatch == a per-token numpy loop (with and without
-dropped assignments), the sequence-wise aux loss against the V3 formula, and the per-layer
-bias bookkeeping of the Transformer."""
+dropped assignments; capacity, dropless and dense dispatch), the dropless row layout by hand,
+gradients equal across dispatches, expert parallelism (all-to-all over 8 fake devices) ==
+one device, the sequence-wise aux loss against the V3 formula, and the per-layer bias
+bookkeeping of the Transformer."""
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +11,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from model import ModelConfig, max_violation, moe_bias_paths, update_router_bias
+from model import LOGICAL_RULES, ModelConfig, make_mesh, max_violation, moe_bias_paths, update_router_bias
 from model import update_router_biases as update_all
-from model.moe import MoE, select_experts, sequence_aux_loss
+from model.moe import MoE, select_experts, sequence_aux_loss, sorted_layout
+from model.sharding import batch_sharding, logical_to_sharding
 
 # ---------------------------------------------------------------- routing by hand
 
@@ -168,7 +171,9 @@ MOE = ModelConfig(vocab_size=64, d_model=D, n_layers=1, n_heads=2, n_routed_expe
     ],
     ids=["sigmoid_shared", "softmax", "sigmoid_grouped"],
 )
-def test_dispatch_equals_per_token_loop(cfg, fill, jit):
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless", "dense"])
+def test_dispatch_equals_per_token_loop(cfg, dispatch, fill, jit):
+    cfg = cfg.replace(moe_dispatch=dispatch)
     layer, variables = _moe(cfg, fill, seed=1)
     # A non-zero balancing bias, so that the choice differs from the plain top-k.
     bias = np.random.default_rng(2).normal(0, 0.3, cfg.n_routed_experts)
@@ -195,6 +200,70 @@ def test_small_capacity_drops_in_k_major_order(fill, jit):
     # The reference without capacity differs: the dropped contributions are really missing.
     full_y, _, _, _, _ = _np_moe(cfg, variables, xf)
     assert np.max(np.abs(full_y - ref_y)) > 1e-3
+
+
+def test_dropless_drops_nothing_where_capacity_drops(fill, jit):
+    cfg = MOE.replace(capacity_factor=1.0, moe_dispatch="dropless")
+    layer, variables = _moe(cfg, fill, seed=4)  # the routing of the test above: drops there
+    x = np.random.default_rng(5).standard_normal((2, 8, D))
+    y, aux = jit(layer.apply)(variables, jnp.asarray(x, jnp.float32))
+    ref_y, _, _, _, _ = _np_moe(cfg, variables, x.reshape(16, D))
+    assert float(aux["dropped_frac"]) == 0.0
+    np.testing.assert_allclose(np.asarray(y).reshape(16, D), ref_y, rtol=1e-5, atol=1e-5)
+
+
+def test_sorted_layout_by_hand():
+    # Experts of 7 assignments; blocks of 2 rows: expert 0 has 3 (2 blocks), 1 none,
+    # 2 has 1 (1 block), 3 has 3 (2 blocks). Rows: e0 -> 0,1,2; e2 -> 4; e3 -> 6,7,8.
+    flat_e = jnp.asarray([3, 0, 2, 0, 3, 3, 0], jnp.int32)
+    row, first, n_blocks, rows = sorted_layout(flat_e, 4, 2)
+    np.testing.assert_array_equal(np.asarray(row), [6, 0, 4, 1, 7, 8, 2])
+    np.testing.assert_array_equal(np.asarray(first), [0, 2, 2, 3])
+    np.testing.assert_array_equal(np.asarray(n_blocks), [2, 0, 1, 2])
+    assert rows == 2 * ((7 + 4 * 1) // 2)  # the static bound: 10 rows (5 blocks, 5 used)
+
+
+def _moe_loss(cfg):
+    def loss(variables, x):
+        y, _ = MoE(cfg).apply(variables, x)
+        return jnp.sum(jnp.sin(y)), y
+
+    return jax.value_and_grad(loss, has_aux=True)
+
+
+def test_gradients_equal_across_dispatches(fill, jit):
+    cfg = MOE.replace(n_routed_experts=8, top_k=3, capacity_factor=8 / 3)  # no drops
+    _, variables = _moe(cfg, fill, seed=6)
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 8, D)), jnp.float32)
+    out = {m: jit(_moe_loss(cfg.replace(moe_dispatch=m)))(variables, x)
+           for m in ("capacity", "dropless", "dense")}
+    for m in ("dropless", "dense"):
+        for a, b in zip(jax.tree.leaves(out[m]), jax.tree.leaves(out["capacity"]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape", [{"expert": 8}, {"data": 2, "expert": 4}])
+def test_expert_parallel_all_to_all_equals_one_device(mesh_shape, fill, jit):
+    cfg = MOE.replace(n_routed_experts=8, top_k=3, moe_dispatch="dropless")
+    _, variables = _moe(cfg, fill, seed=8)
+    bias = np.random.default_rng(9).normal(0, 0.3, 8)  # skewed loads across devices
+    variables = variables | {"router_bias": {"bias": jnp.asarray(bias, jnp.float32)}}
+    x = jnp.asarray(np.random.default_rng(10).standard_normal((8, 6, D)), jnp.float32)
+    grad_fn = _moe_loss(cfg)
+    ref = jit(grad_fn)(variables, x)
+    mesh = make_mesh(mesh_shape)
+    shardings = logical_to_sharding(nn.get_partition_spec(variables), mesh)
+    params = jax.device_put(nn.unbox(variables), shardings)
+    xs = jax.device_put(x, batch_sharding(mesh, 3))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        f = jit(grad_fn)
+        hlo = f.lower(params, xs).as_text()
+        got = f(params, xs)
+    assert "all_to_all" in hlo
+    w = params["params"]["experts"]["w_gate"]
+    assert w.addressable_shards[0].data.shape[0] == 8 // mesh.shape["expert"]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- sequence-wise aux loss

@@ -41,6 +41,9 @@ def _split_axes(spec: P, mesh) -> set[str]:
           ("layers_0", "attn", "kv_a_proj", "kernel"): {"fsdp"}}),
         (MLA_MOE.replace(scan_layers=True), {"data": 2, "fsdp": 2, "expert": 2},
          {("moe_stack", "moe", "experts", "w_down"): {"expert", "fsdp"}}),
+        # Dropless dispatch: expert parallelism through all-to-all inside shard_map.
+        (MLA_MOE.replace(moe_dispatch="dropless"), {"data": 2, "expert": 4},
+         {("layers_1", "moe", "experts", "w_up"): {"expert"}}),
         # GQA with tensor parallelism: heads, kv heads, mlp and vocab split 4 ways.
         (GQA, {"data": 2, "tensor": 4},
          {("layers_0", "attn", "q_proj", "kernel"): {"tensor"},
@@ -51,7 +54,8 @@ def _split_axes(spec: P, mesh) -> set[str]:
          {("layers_0", "attn", "o_proj", "kernel"): {"tensor", "fsdp"},
           ("embed", "embedding"): {"tensor", "fsdp"}}),
     ],
-    ids=["mla_moe_dp_fsdp_ep", "mla_moe_scan_dp_fsdp_ep", "gqa_dp_tp", "gqa_fsdp_tp"],
+    ids=["mla_moe_dp_fsdp_ep", "mla_moe_scan_dp_fsdp_ep", "mla_moe_dropless_dp_ep", "gqa_dp_tp",
+         "gqa_fsdp_tp"],
 )
 def test_sharded_forward_equals_single_device(cfg, mesh_shape, split_params, make_model, jit):
     model, variables, fwd = make_model(cfg)
