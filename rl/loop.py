@@ -227,7 +227,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
         if lead:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config.to_json(indent=2))
-        writer = MetricWriter(workdir, enabled=lead)
         ckpt_every = max(int(config.checkpoint.every), 1)
         ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), ckpt_every,
                             int(config.checkpoint.keep), bool(config.checkpoint.async_save))
@@ -273,7 +272,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 if params is None:  # preempted during the warm-up (saved)
                     restore_signals()
                     ckpt.close()
-                    writer.close()
                     return {}
             shardings = jax.tree.map(lambda x: x.sharding, base.opt_state)
             opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
@@ -282,10 +280,12 @@ def run(config: ConfigDict) -> dict[str, Any]:
             if lead:
                 drop_metrics_after(workdir, 0)  # rows of an earlier attempt that never saved
             first_eval = evaluate(state.params, state.router_bias)
-            writer.write(0, first_eval)
             ckpt.save(0, state, force=True)
             if lead:
                 print(f"RL starts at greedy held-out accuracy {first_eval['eval_accuracy']:.3f}")
+        writer = MetricWriter(workdir, enabled=lead)  # after drop_metrics_after rewrote it
+        if start is None:
+            writer.write(0, first_eval)
         if lead:
             print(_summary(cfg, opts, mesh, task))
 
