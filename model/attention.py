@@ -59,6 +59,29 @@ def masked_softmax_attention(
     return probs, max_logits
 
 
+def masked_exp(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Softmax of float32 `logits [batch, heads..., q, k]` under `mask [batch, q, k]`, left
+    unnormalized: returns `(exp(logit - row max)` (0 where masked), the row sums
+    `denom [batch, heads..., q]`, the per-head max logit over batch, q, k`). The caller
+    divides the attention output by `denom` after the PV product, a pass over `[q, d_v]`
+    instead of `[q, k]`; the row max is the softmax's own shift (its gradient cancels, so it
+    is a stop_gradient) and also gives the max-logit statistic at no extra pass."""
+    extra = logits.ndim - 3  # number of head axes
+    m = mask.reshape(mask.shape[:1] + (1,) * extra + mask.shape[1:])
+    masked = jnp.where(m, logits, -jnp.inf)
+    row_max = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
+    max_logits = jnp.max(row_max[..., 0], axis=(0,) + tuple(range(1 + extra, logits.ndim - 1)))
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # a row with no visible key
+    e = jnp.exp(masked - row_max)
+    denom = jnp.sum(e, axis=-1)
+    return e, jnp.where(denom > 0, denom, 1.0), max_logits
+
+
+def _heads_last(denom: jax.Array) -> jax.Array:
+    """`[batch, heads..., q] -> [batch, q, heads..., 1]`, to divide an attention output."""
+    return jnp.moveaxis(denom, -1, 1)[..., None]
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads (MHA when n_kv_heads == n_heads, GQA
     otherwise; Ainslie et al., 2023), RoPE and optional per-head QK RMSNorm."""
@@ -105,9 +128,9 @@ class Attention(nn.Module):
         logits = jnp.einsum(
             "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32
         ) * cfg.softmax_scale
-        probs, max_logits = masked_softmax_attention(logits, mask)
-        o = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
-        o = o.reshape(b, t, h * hd)
+        e, denom, max_logits = masked_exp(logits, mask)
+        o = jnp.einsum("bkgts,bskd->btkgd", e.astype(v.dtype), v)
+        o = (o / _heads_last(denom).astype(o.dtype)).reshape(b, t, h * hd)
         y = dense(cfg, h * hd, d, ("heads", "embed"), "o_proj")(o)
         return y, max_logits.reshape(h)
 
@@ -165,8 +188,9 @@ class MLAttention(nn.Module):
                 jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
                 + jnp.einsum("bthp,bsp->bhts", q_rope, k_rope, preferred_element_type=jnp.float32)
             ) * scale
-            probs, max_logits = masked_softmax_attention(logits, causal_mask(t, segment_ids, b))
-            o = jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v)
+            e, denom, max_logits = masked_exp(logits, causal_mask(t, segment_ids, b))
+            o = jnp.einsum("bhts,bshv->bthv", e.astype(v.dtype), v)
+            o = o / _heads_last(denom).astype(o.dtype)
             return o_proj(o.reshape(b, t, h * vd)), max_logits
 
         # Absorbed decoding over the latent cache.
@@ -182,7 +206,8 @@ class MLAttention(nn.Module):
             jnp.einsum("bthr,bsr->bhts", q_lat, cc.value, preferred_element_type=jnp.float32)
             + jnp.einsum("bthp,bsp->bhts", q_rope, cr.value, preferred_element_type=jnp.float32)
         ) * scale
-        probs, max_logits = masked_softmax_attention(logits, decode_mask(positions, s))
-        o_lat = jnp.einsum("bhts,bsr->bthr", probs.astype(dt), cc.value)
+        e, denom, max_logits = masked_exp(logits, decode_mask(positions, s))
+        o_lat = jnp.einsum("bhts,bsr->bthr", e.astype(dt), cc.value)
+        o_lat = o_lat / _heads_last(denom).astype(o_lat.dtype)
         o = jnp.einsum("bthr,rhv->bthv", o_lat, w_uv)
         return o_proj(o.reshape(b, t, h * vd)), max_logits
