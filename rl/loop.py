@@ -48,15 +48,15 @@ from train import distributed
 from train.checkpoint import Checkpointer, abstract_like
 from train.errors import UserError
 from train.loop import (
-    _on_preemption,
-    _should_stop,
     build_mesh,
     drop_metrics_after,
     global_batch,
     init_state,
     load_init_from,
     model_config,
+    on_preemption,
     opt_state_shardings,
+    should_stop,
 )
 from train.metrics import MetricWriter, to_python
 from train.qkclip import make_qk_clip_hook
@@ -247,7 +247,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
                            router_bias=base.router_bias, rng=base.rng, bad_steps=base.bad_steps,
                            ref=_ref(base.params, base.router_bias, opts.beta))
         preempted: list[str] = []
-        restore_signals = _on_preemption(preempted)
+        restore_signals = on_preemption(preempted)
         start = ckpt.latest_step()
         if start is not None:
             state = ckpt.restore(abstract_like(template))
@@ -328,7 +328,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 bar.set_postfix(post)
                 t0, n0 = time.perf_counter(), 0
             bar.update(1)
-            stop = _should_stop(preempted, done % log_every == 0)
+            stop = should_stop(preempted, done % log_every == 0)
             if done % ckpt_every == 0 or done == steps or stop:
                 ckpt.save(done, state, force=True)
             if stop:
@@ -454,7 +454,7 @@ def _warmup(config, model, task, opts: RLOptions, mesh, params, router_bias, hoo
             writer.write(done, m)
             bar.set_postfix(loss=f"{m['loss']:.3f}")
         bar.update(1)
-        stop = _should_stop(preempted, done % log_every == 0)
+        stop = should_stop(preempted, done % log_every == 0)
         if done % every == 0 or done == w_total or stop or reached:
             ckpt.save(done, state, force=True)
         if reached:

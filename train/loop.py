@@ -324,7 +324,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
                    dynamic_ncols=True, desc="train")
         last: dict[str, Any] = {}
         preempted: list[str] = []
-        restore_signals = _on_preemption(preempted)
+        restore_signals = on_preemption(preempted)
         t0, tok0 = time.perf_counter(), 0
         metrics = None
         profile = tuple(int(x) for x in config.train.profile_steps)
@@ -357,7 +357,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}")
                 t0, tok0 = time.perf_counter(), 0
             bar.update(1)
-            stop = _should_stop(preempted, done % log_every == 0)
+            stop = should_stop(preempted, done % log_every == 0)
             if done % ckpt_every == 0 or done == steps or stop:
                 ckpt.save(done, state, force=True)
             if stop:
@@ -374,7 +374,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
     return last
 
 
-def _should_stop(flag: list[str], sync_point: bool) -> str:
+def should_stop(flag: list[str], sync_point: bool) -> str:
     """The preemption decision, identical on every process: single-process runs read the
     local flag every step; multi-process runs agree (any process signalled) at log steps."""
     if jax.process_count() == 1:
@@ -387,7 +387,7 @@ def _should_stop(flag: list[str], sync_point: bool) -> str:
     return "a preemption signal" if int(np.max(any_flag)) else ""
 
 
-def _on_preemption(flag: list[str]):
+def on_preemption(flag: list[str]):
     """SIGTERM/SIGINT set `flag` (the loop saves a checkpoint and stops after the current
     step) instead of killing the process; returns a function restoring the old handlers."""
     old = {}
