@@ -45,6 +45,7 @@ def get_config() -> ConfigDict:
             rope_low_freq_factor=1.0,
             rope_high_freq_factor=4.0,
             attn_logit_scale='sqrt',
+            attn_impl='explicit',
             ffn_dim=256,
             n_routed_experts=0,
             n_shared_experts=0,

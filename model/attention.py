@@ -3,7 +3,9 @@
 Both modules map `x [batch, length, d_model]` to `(y [batch, length, d_model],
 max_logits [heads])`, where `max_logits[h]` is the largest scaled logit `q.k * scale`
 of head `h` over the whole (global) batch and all unmasked query/key pairs: the
-statistic QK-clip (Kimi K2) needs.
+statistic QK-clip (Kimi K2) needs. With `cfg.attn_impl == "dot_product"` the training
+forward goes through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU) and
+`max_logits` is NaN (not computed).
 
 Masks. Training/eval (`decode=False`): causal within the row and, when `segment_ids`
 are given (packed documents), only between tokens of the same segment. Decoding
@@ -77,6 +79,31 @@ def masked_exp(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array
     return e, jnp.where(denom > 0, denom, 1.0), max_logits
 
 
+def fused_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, scale: float
+) -> jax.Array:
+    """Causal (and same-segment) attention through `jax.nn.dot_product_attention`: `q [b, t,
+    h, d]`, `k, v [b, t, kv_heads, d]` -> `[b, t, h, d]`. On GPU it asks for cuDNN's flash
+    attention and falls back to XLA where cuDNN does not support the case (it raises at
+    trace time); elsewhere it is XLA's. No max-logit statistic comes out of it."""
+    mask = None
+    if segment_ids is not None:
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    call = lambda impl: jax.nn.dot_product_attention(  # noqa: E731
+        q, k, v, mask=mask, scale=scale, is_causal=True, implementation=impl)
+    if jax.default_backend() == "gpu":
+        try:
+            return call("cudnn")
+        except Exception:  # noqa: BLE001 - unsupported shape/dtype/mask: use XLA's
+            pass
+    return call(None)
+
+
+def _no_max_logits(n_heads: int) -> jax.Array:
+    """The max-logit statistic of a fused kernel, which does not produce it: NaN."""
+    return jnp.full((n_heads,), jnp.nan, jnp.float32)
+
+
 def _heads_last(denom: jax.Array) -> jax.Array:
     """`[batch, heads..., q] -> [batch, q, heads..., 1]`, to divide an attention output."""
     return jnp.moveaxis(denom, -1, 1)[..., None]
@@ -111,6 +138,11 @@ class Attention(nn.Module):
         q = apply_rope(q, positions, cfg.rope_theta, cfg)
         k = apply_rope(k, positions, cfg.rope_theta, cfg)
         q = constrain(q, ("batch", "length", "act_heads", None))
+
+        if not decode and cfg.attn_impl == "dot_product":
+            o = fused_attention(q, k, v, segment_ids, cfg.softmax_scale).reshape(b, t, h * hd)
+            y = dense(cfg, h * hd, d, ("heads", "embed"), "o_proj")(o)
+            return y, _no_max_logits(h)
 
         if decode:
             shape = (b, cfg.max_seq_len, kv, hd)
@@ -180,6 +212,18 @@ class MLAttention(nn.Module):
         kv_b = dense(cfg, r, h * (nope + vd), ("kv_lora", "heads"), "kv_b_proj")
         o_proj = dense(cfg, h * vd, d, ("heads", "embed"), "o_proj")
         scale = cfg.softmax_scale
+
+        if not decode and cfg.attn_impl == "dot_product":
+            kvh = kv_b(c_kv).reshape(b, t, h, nope + vd)
+            k_nope, v = kvh[..., :nope], kvh[..., nope:]
+            qf = jnp.concatenate([q_nope, q_rope], axis=-1)
+            kf = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], q_rope.shape)], -1)
+            # The kernel wants q, k, v of one head size: zero-pad (the logits do not change;
+            # the scale is passed), then drop v's padding from the output.
+            size = max(nope + rope, vd)
+            pad = lambda a: jnp.pad(a, ((0, 0),) * 3 + ((0, size - a.shape[-1]),))  # noqa: E731
+            o = fused_attention(pad(qf), pad(kf), pad(v), segment_ids, scale)[..., :vd]
+            return o_proj(o.reshape(b, t, h * vd)), _no_max_logits(h)
 
         if not decode:
             kvh = kv_b(c_kv).reshape(b, t, h, nope + vd)

@@ -60,6 +60,11 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
     attn_logit_scale: Literal["sqrt", "inverse"] = "sqrt"  # 1/sqrt(d) or muP's 1/d
+    # Training/eval attention kernel: "explicit" (einsum + masked softmax; reports the
+    # per-head max logit QK-clip needs) or "dot_product" (`jax.nn.dot_product_attention`:
+    # cuDNN flash attention on GPU, XLA elsewhere; no max-logit statistic, so no QK-clip).
+    # Cached decoding always uses the explicit path.
+    attn_impl: Literal["explicit", "dot_product"] = "explicit"
 
     # --- FFN / MoE (DeepSeek-V3 Sec. 2.1.2) ---
     ffn_dim: int = 256  # dense SwiGLU hidden size
@@ -111,6 +116,8 @@ class ModelConfig:
             self.attn_logit_scale in ("sqrt", "inverse"),
             f"attn_logit_scale={self.attn_logit_scale!r} must be 'sqrt' or 'inverse'",
         )
+        need(self.attn_impl in ("explicit", "dot_product"),
+             f"attn_impl={self.attn_impl!r} must be 'explicit' or 'dot_product'")
         need(
             self.rope_scaling in ("none", "linear", "llama3", "yarn"),
             f"rope_scaling={self.rope_scaling!r} must be none|linear|llama3|yarn",

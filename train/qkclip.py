@@ -15,6 +15,9 @@ def qk_clip_targets(cfg: ModelConfig) -> list[tuple[optim.QKClipTarget, slice]]:
     the rows of the model's `max_logits [layers, heads]` it owns."""
     if cfg.qk_norm:
         raise ValueError("qk_clip has no effect with qk_norm (the norm removes the weights' scale)")
+    if cfg.attn_impl != "explicit":
+        raise ValueError(f"qk_clip needs the max-logit statistic, which attn_impl="
+                         f"{cfg.attn_impl!r} does not compute (use attn_impl='explicit')")
     if cfg.scan_layers:
         blocks = [("dense_stack", slice(0, cfg.n_dense_layers))] if cfg.n_dense_layers else []
         if cfg.n_moe_layers:

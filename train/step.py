@@ -240,9 +240,10 @@ def make_train_step(
             "total_loss": loss,
             "grad_norm": grad_norm,
             "update_norm": optax.tree.norm(updates),
-            "max_logit": jnp.max(aux["max_logits"]),
-            "max_logit_per_layer": jnp.max(aux["max_logits"], axis=-1),
         }
+        if cfg.attn_impl == "explicit":  # the fused kernel reports no max logit
+            metrics["max_logit"] = jnp.max(aux["max_logits"])
+            metrics["max_logit_per_layer"] = jnp.max(aux["max_logits"], axis=-1)
         if post_update is not None:
             params, extra = post_update(params, aux)
             metrics.update(extra)

@@ -1,6 +1,7 @@
 """Attention: causality, packed segments, cached decode == full forward (MHA, GQA, MLA with
 and without q_lora, scanned or not, per-row positions), the MLA latent cache size, max_logits
-and a one-layer forward against a numpy reference, and RoPE invariants."""
+and a one-layer forward against a numpy reference, the `jax.nn.dot_product_attention` path ==
+the explicit one (values and gradients), and RoPE invariants."""
 
 import functools
 
@@ -248,6 +249,30 @@ def test_mla_max_logits_match_numpy(make_model):
             s = (q[:, head, :nope] @ k_nope[:, head].T + q_rope[:, head] @ k_rope.T) / np.sqrt(nope + rope)
             maxes[head] = max(maxes[head], np.max(s[causal]))
     np.testing.assert_allclose(np.asarray(aux["max_logits"][0]), maxes, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gqa", "mla"])
+def test_dot_product_attention_equals_explicit(make_model, jit, name):
+    """attn_impl="dot_product" (jax.nn.dot_product_attention; XLA's on CPU) gives the explicit
+    path's logits and gradients with packed segments, and NaN max logits (not computed)."""
+    cfg = CONFIGS[name].replace(v_head_dim=6) if name == "mla" else CONFIGS[name]
+    model, variables, _ = make_model(cfg)
+    fused = type(model)(cfg.replace(attn_impl="dot_product"))
+    tokens = _tokens((B, T))
+    seg = jnp.asarray(np.repeat([[1] * 6 + [2] * 10], B, axis=0), jnp.int32)
+
+    def loss(m):
+        def f(v):
+            logits, aux = m.apply(v, tokens, POS, seg)
+            return jnp.sum(jnp.sin(logits)), (logits, aux["max_logits"])
+        return jit(jax.value_and_grad(f, has_aux=True))(variables)
+
+    (_, (ref, ref_max)), ref_g = loss(model)
+    (_, (got, got_max)), got_g = loss(fused)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-4)
+    assert np.all(np.isfinite(np.asarray(ref_max))) and np.all(np.isnan(np.asarray(got_max)))
 
 
 # ---------------------------------------------------------------- RoPE

@@ -165,3 +165,14 @@ def test_chunked_and_full_logits_steps_agree(tie):
     np.testing.assert_allclose(m_full["total_loss"], m_chunk["total_loss"], rtol=1e-6)
     for a, c in zip(jax.tree.leaves(s_full.params), jax.tree.leaves(s_chunk.params), strict=True):
         np.testing.assert_allclose(a, c, atol=1e-6)
+
+
+def test_dot_product_attention_step_reports_no_max_logit_and_refuses_qk_clip():
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=32,
+                      attn_impl="dot_product")
+    model = Transformer(cfg)
+    tx = optax.sgd(0.1)
+    _, m = jax.jit(make_train_step(model, tx))(make_state(model, tx), batch())
+    assert "max_logit" not in m and np.isfinite(float(m["loss"]))
+    with pytest.raises(ValueError, match="attn_impl"):
+        make_qk_clip_hook(cfg, 10.0)
