@@ -7,9 +7,11 @@ Prints one JSON object per line:
 - `train_step` (one per config and implementation): median step time over interleaved
   rounds, tokens/s, model FLOPs/token (`train.flops.flops_per_token`, the documented
   6N + attention formula), MFU = tokens/s * FLOPs/token / the dense float32 matmul peak
-  (`train.flops.measure_peak`) measured right before each round (the per-round MFUs'
-  median), peak memory (JAX: the compiled step's argument + output + temp bytes; both:
-  the process's peak RSS growth over build + first steps, from /proc VmHWM).
+  (the kernel of `train.flops.measure_peak`) measured right before each round (the
+  per-round MFUs' median); `mfu_cpu_time`, the same ratio per process CPU second (less
+  sensitive to other processes' load, but blind to idle cores), peak memory (JAX: the
+  compiled step's argument + output + temp bytes; both: the process's peak RSS growth
+  over build + first steps, from /proc VmHWM).
 - `train_ratio`: ours / transformers tokens per second (rounds interleaved, so a change
   in the machine's load hits both sides alike).
 - `moe_dispatch`: the MLA+MoE train step with each `ModelConfig.moe_dispatch`
@@ -49,13 +51,14 @@ import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from model import ModelConfig, Transformer  # noqa: E402
-from train.flops import flops_per_token, measure_peak  # noqa: E402
+from train.flops import flops_per_token  # noqa: E402
 from train.step import StepOptions, TrainState, make_train_step  # noqa: E402
 
 LR, BETAS, WD = 1e-4, (0.9, 0.95), 0.1
 
 # Llama-style dense (~35M parameters) and DeepSeek-V3-style MLA + MoE (~90M total, ~30M
-# active). scale_embeddings is off: Llama and DeepseekV3 do not scale the embeddings.
+# active; dropless dispatch, see `--dispatch` for the others). scale_embeddings is off:
+# Llama and DeepseekV3 do not scale the embeddings.
 CONFIGS: dict[str, ModelConfig] = {
     "dense": ModelConfig(
         vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1536,
@@ -66,7 +69,7 @@ CONFIGS: dict[str, ModelConfig] = {
         attention="mla", q_lora_rank=0, kv_lora_rank=128, qk_nope_head_dim=64,
         qk_rope_head_dim=32, v_head_dim=64, ffn_dim=1536, first_k_dense=1,
         n_routed_experts=16, n_shared_experts=1, top_k=2, moe_ffn_dim=384,
-        scale_embeddings=False,
+        scale_embeddings=False, moe_dispatch="dropless",
     ),
 }
 QUICK: dict[str, ModelConfig] = {
@@ -76,9 +79,13 @@ QUICK: dict[str, ModelConfig] = {
         vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=32, attention="mla",
         q_lora_rank=0, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
         v_head_dim=16, ffn_dim=128, first_k_dense=1, n_routed_experts=4, n_shared_experts=1,
-        top_k=2, moe_ffn_dim=32, scale_embeddings=False,
+        top_k=2, moe_ffn_dim=32, scale_embeddings=False, moe_dispatch="dropless",
     ),
 }
+
+
+# --quick: XLA's backend optimizations off (compiles about twice as fast; a smoke run).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def emit(**kw: Any) -> None:
@@ -133,23 +140,29 @@ class JaxRunner:
 
     name = "jax"
 
-    def __init__(self, cfg: ModelConfig, tokens: np.ndarray, options: StepOptions) -> None:
+    def __init__(
+        self, cfg: ModelConfig, tokens: np.ndarray, options: StepOptions, fast_compile: bool = False
+    ) -> None:
         self.cfg = cfg
         model = Transformer(cfg)
         tx = optax.adamw(LR, b1=BETAS[0], b2=BETAS[1], weight_decay=WD)
         b, t1 = tokens.shape
-        init = jax.jit(lambda k: nn.unbox(model.init(k, jnp.zeros((1, t1 - 1), jnp.int32))))
+        opts = FAST_COMPILE if fast_compile else None
+        init = jax.jit(lambda k: nn.unbox(model.init(k, jnp.zeros((1, t1 - 1), jnp.int32))),
+                       compiler_options=opts)
         v = init(jax.random.key(0))
         params = v["params"]
         self.state = TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(tx.init)(params),
+            step=jnp.zeros((), jnp.int32), params=params,
+            opt_state=jax.jit(tx.init, compiler_options=opts)(params),
             router_bias=v.get("router_bias", {}), rng=jax.random.key(1),
             bad_steps=jnp.zeros((), jnp.int32),
         )
         self.batch = {"inputs": jnp.asarray(tokens[:, :-1]), "targets": jnp.asarray(tokens[:, 1:])}
         self.n_params = sum(x.size for x in jax.tree.leaves(params))
         t0 = time.perf_counter()
-        self.fn = jax.jit(make_train_step(model, tx, options=options), donate_argnums=0)
+        self.fn = jax.jit(make_train_step(model, tx, options=options), donate_argnums=0,
+                          compiler_options=opts)
         compiled = self.fn.lower(self.state, self.batch).compile()
         self.compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
@@ -214,87 +227,112 @@ class TorchRunner:
 # ---------------------------------------------------------------------------- timing
 
 
-def timed(fn: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
+def timed(fn: Callable[[], None]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of `fn()`."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+_PEAK_FNS: dict[int, Any] = {}
+
+
+def probe_peak(n: int, seconds: float) -> tuple[float, float]:
+    """The matmul peak of `train.flops.measure_peak` (a jitted float32 `n x n` matmul,
+    repeated for `seconds`), as (FLOP per wall second, FLOP per process CPU second)."""
+    if n not in _PEAK_FNS:
+        a = jnp.ones((n, n), jnp.float32)
+        f = jax.jit(lambda x: x @ x)
+        f(a).block_until_ready()
+        _PEAK_FNS[n] = (f, a)
+    f, a = _PEAK_FNS[n]
+    reps, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        f(a).block_until_ready()
+        reps += 1
+    flops = 2 * n**3 * reps
+    return flops / (time.perf_counter() - t0), flops / max(time.process_time() - c0, 1e-9)
 
 
 def run_config(
     name: str, cfg: ModelConfig, args: argparse.Namespace, options: StepOptions,
-    with_hf: bool, label: str | None = None,
+    with_hf: bool, variants: dict[str, ModelConfig] | None = None,
 ) -> dict[str, float]:
-    """Builds the runners, warms them up, then `args.rounds` interleaved rounds of
-    (peak probe, one step of each runner). Emits one `train_step` line per runner."""
-    label = label or name
+    """Builds the runners (ours on `cfg`, or on each of `variants`; transformers if
+    `with_hf`), runs each once (compile, allocations), then `args.rounds` interleaved rounds
+    of (peak probe, one step of each runner). Emits one `train_step` line per runner and
+    returns tokens/s per runner."""
+    variants = variants or {"jax": cfg}
     tokens = make_batch(cfg, args.batch, args.seq, seed=0)
     fpt = flops_per_token(cfg, args.seq)
     n_tok = args.batch * args.seq
-    runners: list[Any] = []
+    runners: dict[str, Any] = {}
     memory: dict[str, int | None] = {}
     first: dict[str, float] = {}
-    with PeakRSS() as pk:
-        r = JaxRunner(cfg, tokens, options)
-        first["jax"] = timed(r.step)  # first run after compile (allocations)
-    memory["jax"] = pk.bytes
-    runners.append(r)
+    for impl, vcfg in variants.items():
+        gc.collect()
+        with PeakRSS() as pk:
+            runners[impl] = JaxRunner(vcfg, tokens, options, fast_compile=args.quick)
+            first[impl] = timed(runners[impl].step)[0]  # first run after compile
+        memory[impl] = pk.bytes
     if with_hf:
         gc.collect()
         with PeakRSS() as pk:
-            r = TorchRunner(cfg, tokens, args.torch_threads)
-            first["transformers"] = timed(r.step)
+            runners["transformers"] = TorchRunner(cfg, tokens, args.torch_threads)
+            first["transformers"] = timed(runners["transformers"].step)[0]
         memory["transformers"] = pk.bytes
-        runners.append(r)
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
-    mfus: dict[str, list[float]] = {r.name: [] for r in runners}
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    mfus: dict[str, list[float]] = {k: [] for k in runners}
+    mfus_cpu: dict[str, list[float]] = {k: [] for k in runners}
     peaks: list[float] = []
     for i in range(args.rounds):
-        peak = measure_peak(args.peak_n, args.peak_s)
+        peak, peak_cpu = probe_peak(args.peak_n, args.peak_s)
         peaks.append(peak)
-        order = runners if i % 2 == 0 else runners[::-1]
-        for r in order:
-            dt = timed(r.step)
-            times[r.name].append(dt)
-            mfus[r.name].append(n_tok * fpt / dt / peak)
+        order = list(runners) if i % 2 == 0 else list(runners)[::-1]
+        for k in order:
+            dt, cpu = timed(runners[k].step)
+            times[k].append(dt)
+            mfus[k].append(n_tok * fpt / dt / peak)
+            mfus_cpu[k].append(n_tok * fpt / max(cpu, 1e-9) / peak_cpu)
     tps: dict[str, float] = {}
-    for r in runners:
-        med = statistics.median(times[r.name])
-        tps[r.name] = n_tok / med
+    for k, r in runners.items():
+        med = statistics.median(times[k])
+        tps[k] = n_tok / med
         line: dict[str, Any] = dict(
-            bench="train_step", config=label, impl=r.name, params=int(r.n_params),
+            bench="train_step", config=name, impl=r.name, params=int(r.n_params),
             params_active=cfg.param_counts()["active"], batch=args.batch, seq=args.seq,
             tokens_per_step=n_tok, step_s_median=round(med, 4),
-            step_s=[round(x, 4) for x in times[r.name]], first_step_s=round(first[r.name], 3),
-            tokens_per_s=round(tps[r.name], 1), model_flops_per_token=fpt,
-            model_tflops_per_s=round(tps[r.name] * fpt / 1e12, 5),
-            mfu=round(statistics.median(mfus[r.name]), 4),
+            step_s=[round(x, 4) for x in times[k]], first_step_s=round(first[k], 3),
+            tokens_per_s=round(tps[k], 1), model_flops_per_token=fpt,
+            model_tflops_per_s=round(tps[k] * fpt / 1e12, 5),
+            mfu=round(statistics.median(mfus[k]), 4),
+            mfu_rounds=[round(x, 3) for x in mfus[k]],
+            mfu_cpu_time=round(statistics.median(mfus_cpu[k]), 4),
             peak_flops_median=round(statistics.median(peaks), 1),
-            peak_rss_growth_bytes=memory[r.name], loss=r.loss,
+            peak_rss_growth_bytes=memory[k], loss=r.loss,
         )
         if r.name == "jax":
             line.update(compile_s=round(r.compile_s, 2), compiled_bytes=r.compiled_bytes,
-                        device_peak_bytes=jax_device_peak(),
-                        attention=cfg.attention, moe_dispatch=getattr(cfg, "moe_dispatch", None))
+                        device_peak_bytes=jax_device_peak(), attention=r.cfg.attention,
+                        moe_dispatch=r.cfg.moe_dispatch if r.cfg.is_moe else None)
         else:
             line.update(arch=r.arch, attn_implementation=r.attn_impl,
                         experts_implementation=r.experts_impl,
                         torch_threads=r.torch.get_num_threads())
         emit(**line)
-    if with_hf:
-        emit(bench="train_ratio", config=label,
-             jax_over_transformers=round(tps["jax"] / tps["transformers"], 3))
     del runners
     gc.collect()
     return tps
 
 
 def dispatch_compare(cfg: ModelConfig, args: argparse.Namespace, options: StepOptions) -> None:
-    if not hasattr(cfg, "moe_dispatch"):
-        emit(bench="moe_dispatch", skipped="ModelConfig has no moe_dispatch field")
-        return
-    for mode in args.dispatch.split(","):
-        run_config("mla_moe", cfg.replace(moe_dispatch=mode), args, options, with_hf=False,
-                   label=f"mla_moe/{mode}")
+    """Our MLA+MoE step with each dispatch, interleaved in the same rounds."""
+    modes = [cfg.moe_dispatch] + [m for m in args.dispatch.split(",") if m != cfg.moe_dispatch]
+    tps = run_config("mla_moe", cfg, args, options, with_hf=False,
+                     variants={m: cfg.replace(moe_dispatch=m) for m in modes})
+    emit(bench="moe_dispatch", config="mla_moe", tokens_per_s={m: round(v, 1) for m, v in tps.items()},
+         reference=modes[0],
+         reference_speedup={m: round(tps[modes[0]] / v, 3) for m, v in tps.items()})
 
 
 def cross_entropy_compare(args: argparse.Namespace) -> None:
@@ -326,7 +364,7 @@ def cross_entropy_compare(args: argparse.Namespace) -> None:
         jax.block_until_ready(c(h, w))
         ts = []
         for _ in range(args.rounds):
-            ts.append(timed(lambda c=c: jax.block_until_ready(c(h, w))))
+            ts.append(timed(lambda c=c: jax.block_until_ready(c(h, w)))[0])
         out[name] = float(c(h, w)[0])
         emit(bench="cross_entropy", impl=name, tokens=n, d_model=d, vocab=v,
              s_median=round(statistics.median(ts), 4),
@@ -336,7 +374,8 @@ def cross_entropy_compare(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny configs: a smoke run")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny configs, fast compilation, 2 rounds: a smoke run")
     parser.add_argument("--only", default="dense,mla_moe", help="configs to run")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
@@ -344,7 +383,8 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     parser.add_argument("--no-dispatch", action="store_true", help="skip the dispatch comparison")
     parser.add_argument("--no-ce", action="store_true", help="skip the cross-entropy comparison")
-    parser.add_argument("--dispatch", default="dense,capacity,dropless")
+    parser.add_argument("--dispatch", default="dense,capacity",
+                        help="dispatches compared with the dropless mla_moe run")
     parser.add_argument("--ce-chunk-tokens", default="256,1024",
                         help="chunk sizes of the cross-entropy comparison")
     parser.add_argument("--torch-threads", type=int, default=None,
@@ -377,7 +417,10 @@ def main() -> None:
     emit(**env)
     only = [n for n in args.only.split(",") if n]
     for name in only:
-        run_config(name, configs[name], args, options, with_hf=not args.no_hf)
+        tps = run_config(name, configs[name], args, options, with_hf=not args.no_hf)
+        if "transformers" in tps:
+            emit(bench="train_ratio", config=name,
+                 jax_over_transformers=round(tps["jax"] / tps["transformers"], 3))
     if not args.no_dispatch and "mla_moe" in only:
         dispatch_compare(configs["mla_moe"], args, options)
     if not args.no_ce:
