@@ -629,7 +629,7 @@ def plot_optimizer_compare(rows, curves, plot_cfg, points, path, title):
             best[sv] = (j[2], j[3])
             ax0.plot(j[0], j[1], "*", color=colors(i), ms=16, mec="k")
     ax0.set_xscale("log")
-    ax0.set_xlabel(x_key)
+    ax0.set_xlabel(plot_cfg.get("x_label", x_key))
     ax0.set_ylabel(f"final {metric}")
     ax0.grid(alpha=0.3)
     ax0.legend()
@@ -651,7 +651,8 @@ def plot_optimizer_compare(rows, curves, plot_cfg, points, path, title):
     else:
         bs, bv, what = best_curve(best[baseline][0])
         target, total = float(bv[-1]), float(bs[-1])
-        ax1.axhline(target, color="gray", ls="--", lw=1, label=f"{baseline} final {target:.3f}")
+        blabel = _label(plot_cfg.get("labels"), series_key, baseline, series)
+        ax1.axhline(target, color="gray", ls="--", lw=1, label=f"{blabel} final {target:.3f}")
         for i, sv in enumerate(series):
             if sv not in best:
                 continue

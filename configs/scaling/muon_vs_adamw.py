@@ -16,9 +16,10 @@ def get_config():
     c.train.update(dict(steps=300, eval_every=15, eval_batches=4))
     c.sweep.grid = common.grid({
         "optim.name": ["adamw", "muon"],
-        "optim.lr": [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2],
+        "optim.lr": [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2],
     })
     c.sweep.plot = dict(kind="optimizer_compare", x="optim.lr", series="optim.name",
                         baseline="adamw", metric="eval_loss", labels=("AdamW", "Muon"),
+                        x_label="peak learning rate (Muon: Moonlight update scale)",
                         title="Muon vs AdamW: d=128, 2 layers, 300 steps")
     return c
