@@ -171,8 +171,23 @@ def _silu_grad(g: jax.Array) -> jax.Array:
     return s * (1 + g * (1 - s))
 
 
+def _expert_loops(body, carry, b0, nb, block):
+    """Runs `body(size, row0, carry)` over the `nb` blocks of `block` rows from block `b0`:
+    first as many chunks of `4 * block` rows as fit, then the remaining single blocks (fewer
+    loop steps and larger matmuls than single blocks only; rows are still padded to
+    `block`, so the waste stays under `block` rows per expert)."""
+    big = 4 * block
+    n_big = nb // 4
+    carry = jax.lax.fori_loop(0, n_big, lambda j, c: body(big, (b0 + 4 * j) * block, c), carry)
+    start = b0 + 4 * n_big
+    return jax.lax.fori_loop(0, nb - 4 * n_big,
+                             lambda j, c: body(block, (start + j) * block, c), carry)
+
+
 def _grouped_fwd(xs, first, n_blocks, w_gate, w_up, w_down, block):
-    """Forward of `grouped_swiglu`, also returning the pre-activations for the backward."""
+    """Forward of `grouped_swiglu`, also returning the gate/up pre-activations `[rows, 2f]`
+    for the backward. Gate and up are one matmul per block (their weights concatenated per
+    expert)."""
     rows, d = xs.shape
     f = w_gate.shape[-1]
     dslice = jax.lax.dynamic_slice_in_dim
@@ -180,21 +195,19 @@ def _grouped_fwd(xs, first, n_blocks, w_gate, w_up, w_down, block):
 
     def expert(carry, inp):
         wg, wu, wd, b0, nb = inp
+        wgu = jnp.concatenate([wg, wu], axis=-1)
 
-        def blk(j, c):
-            ys, gs, us = c
-            r0 = (b0 + j) * block
-            x = dslice(xs, r0, block)
-            g, u = x @ wg, x @ wu
-            y = (nn.silu(g) * u) @ wd
-            return dupdate(ys, y, r0, 0), dupdate(gs, g, r0, 0), dupdate(us, u, r0, 0)
+        def body(size, r0, c):
+            ys, gus = c
+            gu = dslice(xs, r0, size) @ wgu
+            y = (nn.silu(gu[:, :f]) * gu[:, f:]) @ wd
+            return dupdate(ys, y, r0, 0), dupdate(gus, gu, r0, 0)
 
-        return jax.lax.fori_loop(0, nb, blk, carry), None
+        return _expert_loops(body, carry, b0, nb, block), None
 
-    init = (jnp.zeros((rows, d), xs.dtype), jnp.zeros((rows, f), xs.dtype),
-            jnp.zeros((rows, f), xs.dtype))
-    (ys, gs, us), _ = jax.lax.scan(expert, init, (w_gate, w_up, w_down, first, n_blocks))
-    return ys, gs, us
+    init = (jnp.zeros((rows, d), xs.dtype), jnp.zeros((rows, 2 * f), xs.dtype))
+    (ys, gus), _ = jax.lax.scan(expert, init, (w_gate, w_up, w_down, first, n_blocks))
+    return ys, gus
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -208,34 +221,35 @@ def grouped_swiglu(xs, first, n_blocks, w_gate, w_up, w_down, block):
 
 
 def _grouped_vjp_fwd(xs, first, n_blocks, w_gate, w_up, w_down, block):
-    ys, gs, us = _grouped_fwd(xs, first, n_blocks, w_gate, w_up, w_down, block)
-    return ys, (xs, gs, us, first, n_blocks, w_gate, w_up, w_down)
+    ys, gus = _grouped_fwd(xs, first, n_blocks, w_gate, w_up, w_down, block)
+    return ys, (xs, gus, first, n_blocks, w_gate, w_up, w_down)
 
 
 def _grouped_vjp_bwd(block, res, dys):
-    xs, gs, us, first, n_blocks, w_gate, w_up, w_down = res
+    xs, gus, first, n_blocks, w_gate, w_up, w_down = res
+    f = w_gate.shape[-1]
     dslice = jax.lax.dynamic_slice_in_dim
     f32 = jnp.float32
 
     def expert(dx, inp):
         wg, wu, wd, b0, nb = inp
+        wgu = jnp.concatenate([wg, wu], axis=-1)
 
-        def blk(j, c):
-            dx, dwg, dwu, dwd = c
-            r0 = (b0 + j) * block
-            x, g, u, dy = (dslice(a, r0, block) for a in (xs, gs, us, dys))
+        def body(size, r0, c):
+            dx, dwgu, dwd = c
+            x, gu, dy = (dslice(a, r0, size) for a in (xs, gus, dys))
+            g, u = gu[:, :f], gu[:, f:]
             sg = nn.silu(g)
             dwd = dwd + jnp.einsum("bf,bd->fd", sg * u, dy, preferred_element_type=f32)
             dh = dy @ wd.T
-            dg, du = dh * u * _silu_grad(g), dh * sg
-            dwg = dwg + jnp.einsum("bd,bf->df", x, dg, preferred_element_type=f32)
-            dwu = dwu + jnp.einsum("bd,bf->df", x, du, preferred_element_type=f32)
-            dxb = dg @ wg.T + du @ wu.T
-            return jax.lax.dynamic_update_slice_in_dim(dx, dxb.astype(dx.dtype), r0, 0), dwg, dwu, dwd
+            dgu = jnp.concatenate([dh * u * _silu_grad(g), dh * sg], axis=-1)
+            dwgu = dwgu + jnp.einsum("bd,bf->df", x, dgu, preferred_element_type=f32)
+            dxb = (dgu @ wgu.T).astype(dx.dtype)
+            return jax.lax.dynamic_update_slice_in_dim(dx, dxb, r0, 0), dwgu, dwd
 
-        zeros = (jnp.zeros(wg.shape, f32), jnp.zeros(wu.shape, f32), jnp.zeros(wd.shape, f32))
-        dx, *dw = jax.lax.fori_loop(0, nb, blk, (dx, *zeros))
-        return dx, tuple(dw)
+        zeros = (jnp.zeros(wgu.shape, f32), jnp.zeros(wd.shape, f32))
+        dx, dwgu, dwd = _expert_loops(body, (dx, *zeros), b0, nb, block)
+        return dx, (dwgu[:, :f], dwgu[:, f:], dwd)
 
     dx, (dwg, dwu, dwd) = jax.lax.scan(
         expert, jnp.zeros_like(xs), (w_gate, w_up, w_down, first, n_blocks))

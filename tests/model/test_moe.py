@@ -13,7 +13,7 @@ from flax import linen as nn
 
 from model import LOGICAL_RULES, ModelConfig, make_mesh, max_violation, moe_bias_paths, update_router_bias
 from model import update_router_biases as update_all
-from model.moe import MoE, select_experts, sequence_aux_loss, sorted_layout
+from model.moe import MoE, dropless_combine, select_experts, sequence_aux_loss, sorted_layout
 from model.sharding import batch_sharding, logical_to_sharding
 
 # ---------------------------------------------------------------- routing by hand
@@ -221,6 +221,36 @@ def test_sorted_layout_by_hand():
     np.testing.assert_array_equal(np.asarray(first), [0, 2, 2, 3])
     np.testing.assert_array_equal(np.asarray(n_blocks), [2, 0, 1, 2])
     assert rows == 2 * ((7 + 4 * 1) // 2)  # the static bound: 10 rows (5 blocks, 5 used)
+
+
+@pytest.mark.parametrize("block", [4, 8])
+def test_dropless_grouped_swiglu_equals_dense_on_skewed_loads(block, jit):
+    """Loads from 0 to 40 rows per expert: blocks, 4-block chunks and their mix, empty
+    experts; values and gradients against every token through every expert."""
+    n, k, e, d, f = 40, 2, 5, 6, 7
+    rng = np.random.default_rng(11)
+    first = np.where(np.arange(n) < 34, 0, rng.choice([2, 3, 4], n))  # expert 0: 34 rows
+    second = (first + rng.choice([1, 2], n) - 2) % 3 + 2  # in {2, 3, 4}, != first
+    idx = np.stack([first, second], axis=1)  # expert 1: no rows
+    x, g = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((n, d), (n, d)))
+    gates = jnp.asarray(rng.random((n, k)), jnp.float32)
+    w = tuple(jnp.asarray(rng.standard_normal(s) * 0.5, jnp.float32)
+              for s in ((e, d, f), (e, d, f), (e, f, d)))
+    combine = jnp.sum(jax.nn.one_hot(idx, e) * gates[..., None], axis=1)  # [n, e]
+
+    def dense(x, w):
+        h = nn.silu(jnp.einsum("nd,edf->enf", x, w[0])) * jnp.einsum("nd,edf->enf", x, w[1])
+        return jnp.sum(jnp.einsum("enf,efd,ne->nd", h, w[2], combine) * g)
+
+    def dropless(x, w):
+        return jnp.sum(dropless_combine(x, jnp.asarray(idx, jnp.int32), gates, w, block) * g)
+
+    ref = jit(jax.value_and_grad(dense, argnums=(0, 1)))(x, w)
+    got = jit(jax.value_and_grad(dropless, argnums=(0, 1)))(x, w)
+    loads = np.bincount(idx.ravel(), minlength=e)
+    assert loads[0] >= 4 * block and loads[1] == 0 and (idx[:, 0] != idx[:, 1]).all()
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
 def _moe_loss(cfg):
