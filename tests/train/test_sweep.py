@@ -49,11 +49,13 @@ def fake_run(calls):
         calls.append(cfg.workdir)
         os.makedirs(cfg.workdir, exist_ok=True)
         lr = float(cfg.optim.lr)
+        width = 0.3 * math.log(cfg.model.d_model / 32) ** 2  # best width 32
         with open(os.path.join(cfg.workdir, "metrics.jsonl"), "w") as f:
             for s in range(1, cfg.train.steps + 1):
-                row = {"step": s, "loss": 3.0 - lr * s, "grad_norm": 1.0, "max_logit": 5.0}
+                loss = 3.0 - lr * s + width
+                row = {"step": s, "loss": loss, "grad_norm": 1.0, "max_logit": 5.0}
                 if s == cfg.train.steps:
-                    row["eval_loss"] = 3.0 - lr * s
+                    row["eval_loss"] = loss
                 f.write(json.dumps(row) + "\n")
         return {}
 
@@ -141,6 +143,7 @@ def test_cli_bad_key_is_one_line_error(tmp_path):
 
 def test_flop_budget_sets_steps(tmp_path):
     c = tiny_sweep(tmp_path, {"sweep.flop_budget": [1e9, 2e9], "model.d_model": [32, 64]})
+    c.train.steps = 1  # replaced by the budget
     points = sweep.resolve(c)
     for p in points:
         per_step = p.flops_per_token * 8 * 16
@@ -166,22 +169,29 @@ def test_plots_of_every_kind_from_fake_runs(tmp_path):
     kinds = {
         "lr_sweep": dict(kind="lr_sweep", x="optim.lr", series="model.d_model", panel="seed"),
         "optimizer_compare": dict(kind="optimizer_compare", x="optim.lr", series="optim.name"),
+        "isoflop": dict(kind="isoflop"),
     }
     grids = {
         "lr_sweep": {"optim.lr": [1e-3, 2e-3, 4e-3], "model.d_model": [32, 64], "seed": [0, 1]},
         "optimizer_compare": {"optim.lr": [1e-3, 1e-2], "optim.name": ["adamw", "muon"]},
+        "isoflop": {"sweep.flop_budget": [1e9, 3e9], "model.d_model": [16, 24, 32, 48, 64]},
     }
     for kind, plot in kinds.items():
         c = tiny_sweep(tmp_path / kind, grids[kind], steps=30, plot=plot)
+        c.optim.lr = 1e-6 if kind == "isoflop" else c.optim.lr  # fake loss: width term only
         sweep.run_sweep(c, run_fn=fake_run(calls))
         assert os.path.getsize(tmp_path / kind / "t.png") > 1000
         summary = json.loads((tmp_path / kind / "summary.json").read_text())
         if kind == "lr_sweep":
             assert summary["best"]["seed=0"]["d_model=32"]["x"] == 4e-3  # the fake loss
             assert summary["shift_grid_steps"] == {"seed=0": 0, "seed=1": 0}
-        else:
+        elif kind == "optimizer_compare":
             # fake loss 3 - lr*s: lr=1e-2 reaches 3 - 1e-2*30 at step 30 either way
             assert summary["optimizers"]["name=muon"]["ratio"] == pytest.approx(1.0)
+        else:
+            assert [o["budget"] for o in summary["optima"]] == [1e9, 3e9]
+            assert all(o["interior"] for o in summary["optima"])
+            assert "n_opt_law" in summary
 
 
 # ---- fits ----------------------------------------------------------------------------------
