@@ -228,10 +228,9 @@ class MLAttention(nn.Module):
         if not decode:
             kvh = kv_b(c_kv).reshape(b, t, h, nope + vd)
             k_nope, v = kvh[..., :nope], kvh[..., nope:]
-            logits = (
-                jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-                + jnp.einsum("bthp,bsp->bhts", q_rope, k_rope, preferred_element_type=jnp.float32)
-            ) * scale
+            qf = jnp.concatenate([q_nope, q_rope], axis=-1)
+            kf = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], q_rope.shape)], -1)
+            logits = jnp.einsum("bthd,bshd->bhts", qf, kf, preferred_element_type=jnp.float32) * scale
             e, denom, max_logits = masked_exp(logits, causal_mask(t, segment_ids, b))
             o = jnp.einsum("bhts,bshv->bthv", e.astype(v.dtype), v)
             o = o / _heads_last(denom).astype(o.dtype)
