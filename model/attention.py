@@ -213,23 +213,19 @@ class MLAttention(nn.Module):
         o_proj = dense(cfg, h * vd, d, ("heads", "embed"), "o_proj")
         scale = cfg.softmax_scale
 
-        if not decode and cfg.attn_impl == "dot_product":
-            kvh = kv_b(c_kv).reshape(b, t, h, nope + vd)
-            k_nope, v = kvh[..., :nope], kvh[..., nope:]
-            qf = jnp.concatenate([q_nope, q_rope], axis=-1)
-            kf = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], q_rope.shape)], -1)
-            # The kernel wants q, k, v of one head size: zero-pad (the logits do not change;
-            # the scale is passed), then drop v's padding from the output.
-            size = max(nope + rope, vd)
-            pad = lambda a: jnp.pad(a, ((0, 0),) * 3 + ((0, size - a.shape[-1]),))  # noqa: E731
-            o = fused_attention(pad(qf), pad(kf), pad(v), segment_ids, scale)[..., :vd]
-            return o_proj(o.reshape(b, t, h * vd)), _no_max_logits(h)
-
         if not decode:
             kvh = kv_b(c_kv).reshape(b, t, h, nope + vd)
             k_nope, v = kvh[..., :nope], kvh[..., nope:]
+            # One q.k over [nope, rope] (the rope key shared by all heads).
             qf = jnp.concatenate([q_nope, q_rope], axis=-1)
             kf = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], q_rope.shape)], -1)
+            if cfg.attn_impl == "dot_product":
+                # The kernel wants q, k, v of one head size: zero-pad (the logits do not
+                # change; the scale is passed), then drop v's padding from the output.
+                size = max(nope + rope, vd)
+                pad = lambda a: jnp.pad(a, ((0, 0),) * 3 + ((0, size - a.shape[-1]),))  # noqa: E731
+                o = fused_attention(pad(qf), pad(kf), pad(v), segment_ids, scale)[..., :vd]
+                return o_proj(o.reshape(b, t, h * vd)), _no_max_logits(h)
             logits = jnp.einsum("bthd,bshd->bhts", qf, kf, preferred_element_type=jnp.float32) * scale
             e, denom, max_logits = masked_exp(logits, causal_mask(t, segment_ids, b))
             o = jnp.einsum("bhts,bshv->bthv", e.astype(v.dtype), v)
