@@ -773,7 +773,8 @@ def _mean_col(rows, col):
 def plot_isoflop(rows, curves, plot_cfg, points, path, title):
     """IsoFLOP profiles: final `metric` against N (`n_matmul`, the parameters in 6N) per
     FLOP budget with its parabola fit (`train.scaling.isoflop_optimum`); right: the optima
-    N_opt(C) with the power law N_opt = k C^a. Summary: the optima and exponents."""
+    N_opt(C) with the power law N_opt = k C^a (through the optima inside the sampled range
+    when at least two are). Summary: the optima and exponents."""
     plt = _plt()
     metric = plot_cfg.get("metric", "eval_loss")
     ok = [r for r in rows if _finite(r[metric]) and r["status"] == "ok"]
@@ -782,7 +783,7 @@ def plot_isoflop(rows, curves, plot_cfg, points, path, title):
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
     cmap = plt.get_cmap("plasma")
     summary: dict[str, Any] = {"metric": metric, "optima": []}
-    opt_c, opt_n = [], []
+    opt = []  # (flops, n_opt, loss_opt, interior)
     for i, b in enumerate(budgets):
         sel = sorted([r for r in ok if float(r[budget_key]) == b], key=lambda r: r["n_matmul"])
         n = np.array([r["n_matmul"] for r in sel], np.float64)
@@ -797,26 +798,31 @@ def plot_isoflop(rows, curves, plot_cfg, points, path, title):
         grid = np.exp(np.linspace(np.log(n.min()), np.log(n.max()), 50))
         c2, c1, c0 = o.coeffs
         ax0.plot(grid, c2 * np.log(grid) ** 2 + c1 * np.log(grid) + c0, "-", color=color)
-        ax0.plot(o.n_opt, o.loss_opt, "*", color=color, ms=14, mec="k")
+        ax0.plot(o.n_opt, o.loss_opt, "*", ms=14, mec="k",
+                 color=color if o.interior else "none")
         flops = float(np.mean([r["flops"] for r in sel]))
         summary["optima"].append({"budget": b, "flops": flops, "n_opt": o.n_opt,
                                   "loss_opt": o.loss_opt, "interior": o.interior})
-        opt_c.append(flops)
-        opt_n.append(o.n_opt)
+        opt.append((flops, o.n_opt, o.loss_opt, o.interior))
     ax0.set_xscale("log")
     ax0.set_xlabel("N (matmul parameters)")
     ax0.set_ylabel(metric)
     ax0.grid(alpha=0.3)
     ax0.legend(fontsize=8)
-    ax1.loglog(opt_c, opt_n, "*", ms=12)
-    if len(opt_c) >= 2:
-        law = fit.fit_power_law(opt_c, opt_n)
-        cs = np.geomspace(min(opt_c), max(opt_c), 20)
+    # The power laws go through the optima inside the sampled N range (all of them when
+    # fewer than two are); extrapolated vertices are drawn hollow.
+    use = [t for t in opt if t[3]]
+    use = use if len(use) >= 2 else opt
+    for c_, n_, _, interior in opt:
+        ax1.loglog(c_, n_, "*", ms=12, mec="k", color="C0" if interior else "none")
+    if len(use) >= 2:
+        cs_, ns_, ls_ = ([t[k] for t in use] for k in range(3))
+        law = fit.fit_power_law(cs_, ns_)
+        cs = np.geomspace(min(cs_), max(cs_), 20)
         ax1.loglog(cs, law(cs), "--", label=f"N_opt = {law.coef:.3g} C^{law.exponent:.3f}")
         summary["n_opt_law"] = dataclasses.asdict(law)
-        loss_law = fit.fit_power_law(opt_c, [o["loss_opt"] for o in summary["optima"]
-                                             if "loss_opt" in o])
-        summary["loss_law"] = dataclasses.asdict(loss_law)
+        summary["loss_law"] = dataclasses.asdict(fit.fit_power_law(cs_, ls_))
+        summary["fitted_budgets"] = len(use)
         ax1.legend()
     ax1.set_xlabel("C (training FLOPs)")
     ax1.set_ylabel("N_opt")

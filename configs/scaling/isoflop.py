@@ -22,5 +22,6 @@ def get_config():
         "model.d_model,model.ffn_dim": [(16, 64), (24, 96), (32, 128), (48, 192), (64, 256),
                                         (96, 384)],
     })
-    c.sweep.plot = dict(kind="isoflop", metric="eval_loss", budget="sweep.flop_budget")
+    c.sweep.plot = dict(kind="isoflop", metric="eval_loss", budget="sweep.flop_budget",
+                        title="IsoFLOP profiles: widths 16..96, 2 layers, AdamW lr 4e-3")
     return c
