@@ -129,7 +129,7 @@ def test_bad_grid_is_a_user_error_before_any_run(tmp_path, grid, needle):
     assert not (tmp_path / "results.csv").exists()
 
 
-def test_cli_bad_key_is_one_line_error(tmp_path):
+def test_cli_bad_shard_is_one_line_error(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "train.sweep", "--config", "configs/scaling/qk_clip.py",
          f"--config.workdir={tmp_path / 'w'}", "--sweep.num_shards=2", "--sweep.shard=5"],
