@@ -21,7 +21,8 @@ from train.flops import flops_per_token
 from train.loop import model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-EXPERIMENTS = ("mup_transfer", "muon_vs_adamw", "moe_balancing", "qk_clip", "scaled_embeddings")
+EXPERIMENTS = ("mup_transfer", "muon_vs_adamw", "moe_balancing", "qk_clip", "scaled_embeddings",
+               "isoflop")
 
 
 def tiny_sweep(workdir, grid, steps=4, plot=None):
