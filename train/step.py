@@ -230,36 +230,47 @@ def make_train_step(
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         return loss, ce_sum / n_total, aux, grads
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        loss, ce, aux, grads = compute_grads(state.params, state.router_bias, batch)
-        grad_norm = optax.tree.norm(grads)
+    def apply_update(state: TrainState, grads: Any, aux: dict[str, jax.Array]):
+        """(params, opt_state, router_bias, metrics) after the optimizer update, the
+        post-update hook and the balancing-bias update."""
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics: dict[str, jax.Array] = {
-            "loss": ce,
-            "total_loss": loss,
-            "grad_norm": grad_norm,
-            "update_norm": optax.tree.norm(updates),
-        }
-        if cfg.attn_impl == "explicit":  # the fused kernel reports no max logit
-            metrics["max_logit"] = jnp.max(aux["max_logits"])
-            metrics["max_logit_per_layer"] = jnp.max(aux["max_logits"], axis=-1)
+        metrics = {"update_norm": optax.tree.norm(updates)}
         if post_update is not None:
             params, extra = post_update(params, aux)
             metrics.update(extra)
         router_bias = state.router_bias
         if cfg.is_moe:
             router_bias = update_router_biases(cfg, state.router_bias, aux["moe_load"])
+        return params, opt_state, router_bias, metrics
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        loss, ce, aux, grads = compute_grads(state.params, state.router_bias, batch)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if options.skip_nonfinite:
+            # A conditional rather than a select over the new and old trees: the update is
+            # done in place, and not at all for a skipped step (whose update metrics are 0).
+            def skip(state, grads, aux):
+                shapes = jax.eval_shape(apply_update, state, grads, aux)[3]
+                return (state.params, state.opt_state, state.router_bias,
+                        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+            params, opt_state, router_bias, update_metrics = jax.lax.cond(
+                finite, apply_update, skip, state, grads, aux)
+        else:
+            params, opt_state, router_bias, update_metrics = apply_update(state, grads, aux)
+        metrics: dict[str, jax.Array] = {"loss": ce, "total_loss": loss, "grad_norm": grad_norm}
+        metrics.update(update_metrics)
+        if cfg.attn_impl == "explicit":  # the fused kernel reports no max logit
+            metrics["max_logit"] = jnp.max(aux["max_logits"])
+            metrics["max_logit_per_layer"] = jnp.max(aux["max_logits"], axis=-1)
+        if cfg.is_moe:
             metrics["moe/maxvio"] = max_violation(aux["moe_load"])
             metrics["moe/dropped_frac"] = aux["moe_dropped"]
             metrics["moe/aux_loss"] = aux["aux_loss"]
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if options.skip_nonfinite:
-            params = _tree_where(finite, params, state.params)
-            opt_state = _tree_where(finite, opt_state, state.opt_state)
-            router_bias = _tree_where(finite, router_bias, state.router_bias)
         bad = jnp.where(finite, 0, state.bad_steps + 1).astype(state.bad_steps.dtype)
         metrics["skipped"] = (~finite).astype(jnp.int32)
         new_state = state.replace(
