@@ -314,7 +314,7 @@ def run_config(
         if r.name == "jax":
             line.update(compile_s=round(r.compile_s, 2), compiled_bytes=r.compiled_bytes,
                         device_peak_bytes=jax_device_peak(), attention=r.cfg.attention,
-                        moe_dispatch=r.cfg.moe_dispatch if r.cfg.is_moe else None)
+                        moe_dispatch=getattr(r.cfg, "moe_dispatch", "capacity") if r.cfg.is_moe else None)
         else:
             line.update(arch=r.arch, attn_implementation=r.attn_impl,
                         experts_implementation=r.experts_impl,
