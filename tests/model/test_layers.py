@@ -33,7 +33,7 @@ def test_matmul_value_and_gradients_equal_plain_dot():
     args = _args()
     ours = jax.jit(jax.value_and_grad(_swiglu_loss(matmul), argnums=(0, 1, 2, 3)))(*args)
     ref = jax.jit(jax.value_and_grad(_swiglu_loss(jnp.dot), argnums=(0, 1, 2, 3)))(*args)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
 
 
