@@ -259,7 +259,8 @@ def run_config(
     with_hf: bool, variants: dict[str, ModelConfig] | None = None,
 ) -> dict[str, float]:
     """Builds the runners (ours on `cfg`, or on each of `variants`; transformers if
-    `with_hf`), runs each once (compile, allocations), then `args.rounds` interleaved rounds
+    `with_hf`), runs each once (compile, allocations) and `args.warmup` more times
+    (untimed), then `args.rounds` interleaved rounds
     of (peak probe, one step of each runner). Emits one `train_step` line per runner and
     returns tokens/s per runner."""
     variants = variants or {"jax": cfg}
@@ -285,6 +286,9 @@ def run_config(
     mfus: dict[str, list[float]] = {k: [] for k in runners}
     mfus_cpu: dict[str, list[float]] = {k: [] for k in runners}
     peaks: list[float] = []
+    for _ in range(args.warmup):  # untimed: the first steps after compile run slower
+        for k in runners:
+            runners[k].step()
     for i in range(args.rounds):
         peak, peak_cpu = probe_peak(args.peak_n, args.peak_s)
         peaks.append(peak)
@@ -380,6 +384,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seq", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None, help="timed steps per runner")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps per runner after the first (default 2; 0 with --quick)")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     parser.add_argument("--no-dispatch", action="store_true", help="skip the dispatch comparison")
     parser.add_argument("--no-ce", action="store_true", help="skip the cross-entropy comparison")
@@ -396,6 +402,8 @@ def main() -> None:
     args.batch = args.batch or (2 if args.quick else 4)
     args.seq = args.seq or (32 if args.quick else 256)
     args.rounds = args.rounds or (2 if args.quick else 3)
+    if args.warmup is None:
+        args.warmup = 0 if args.quick else 2
     if args.quick:
         args.peak_n, args.peak_s = 256, 0.05
     args.ce_tokens, args.ce_d, args.ce_vocab = (64, 32, 512) if args.quick else (1024, 512, 32768)
