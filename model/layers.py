@@ -35,21 +35,33 @@ def transposed_dot(a: jax.Array, b: jax.Array, preferred_element_type=None) -> j
     return jnp.einsum("np,nq->pq", a, b, preferred_element_type=preferred_element_type)
 
 
+def _dot_f32_acc(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a @ b` in the inputs' dtype; on the CPU backend accumulated into a float32 result
+    first and cast after. XLA:CPU runs a bfloat16 -> bfloat16 dot at about half the rate
+    of the same dot with a float32 result (1024 x 512 x 1536 on 2 Zen 5 cores: 400 vs 890
+    GFLOP/s); GPU and TPU GEMMs accumulate in float32 and write bfloat16 natively."""
+    out = jnp.result_type(a, b)
+    if jax.default_backend() == "cpu" and out != jnp.float32:
+        return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(out)
+    return jnp.dot(a, b)
+
+
 @jax.custom_vjp
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     """`x @ w` for `x [..., in]`, `w [in, out]` -> `[..., out]`, whose weight gradient is
     formed by `transposed_dot` (the `x [tokens, in]` flattened over its leading axes)."""
-    return jnp.dot(x, w)
+    return _dot_f32_acc(x, w)
 
 
 def _matmul_fwd(x: jax.Array, w: jax.Array):
-    return jnp.dot(x, w), (x, w)
+    return _dot_f32_acc(x, w), (x, w)
 
 
 def _matmul_bwd(res, dy: jax.Array):
     x, w = res
-    dx = jnp.dot(dy, w.T)
-    dw = transposed_dot(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]))
+    dx = _dot_f32_acc(dy, w.T)
+    dw = transposed_dot(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]),
+                        preferred_element_type=jnp.float32).astype(w.dtype)
     return dx, dw
 
 

@@ -70,3 +70,34 @@ def test_weight_gradients_compile_to_canonical_dots_on_cpu():
     assert _transposed_dots(jnp.dot)
     # ... matmul's weight gradients do not.
     assert _transposed_dots(matmul) == []
+
+
+def test_matmul_bfloat16_accumulates_in_float32():
+    # A long contraction: the bfloat16 result must be the float32 product of the bfloat16
+    # inputs rounded once (within one bfloat16 ulp), not a sum rounded term by term.
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((4, 4096)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((4096, 8)), jnp.bfloat16)
+    y = jax.jit(matmul)(x, w)
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=2**-8, atol=0.05)
+
+
+def _dot_operand_types(fn, args) -> list[tuple[str, str]]:
+    """Element types of the two operands of every dot in `fn`'s compiled input gradient."""
+    hlo = jax.jit(jax.grad(fn)).lower(*args).compile().as_text()
+    types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+    dots = re.findall(r"\bdot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+    assert dots, "no dot in the compiled program"
+    return [(types[a], types[b]) for a, b in dots]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backend's dot forms")
+def test_bfloat16_dots_stay_bfloat16_on_cpu():
+    # For a bf16 -> bf16 dot XLA:CPU converts the operands to f32 and runs an f32 dot (half
+    # the rate of a bf16 dot with an f32 result); matmul's forward and input-gradient dots
+    # keep bf16 operands. (The weight gradient's `x^T dy` is upcast either way.)
+    args = _args(2, jnp.bfloat16)
+    assert ("f32", "f32") in _dot_operand_types(_swiglu_loss(jnp.dot), args)
+    assert set(_dot_operand_types(_swiglu_loss(matmul), args)) == {("bf16", "bf16")}
