@@ -6,7 +6,7 @@ Prints one JSON object per line:
 - `env`: backend, device, core count, load average, library versions.
 - `train_step` (one per config and implementation): median step time over interleaved
   rounds, tokens/s, model FLOPs/token (`train.flops.flops_per_token`, the documented
-  6N + attention formula), MFU = tokens/s * FLOPs/token / the dense float32 matmul peak
+  6N + attention formula), MFU = tokens/s * FLOPs/token / the dense matmul peak (`--dtype`)
   (the kernel of `train.flops.measure_peak`) measured right before each round (the
   per-round MFUs' median); `mfu_cpu_time`, the same ratio per process CPU second (less
   sensitive to other processes' load, but blind to idle cores), peak memory (JAX: the
@@ -23,6 +23,11 @@ Prints one JSON object per line:
     python bench/bench_train.py            # dense ~35M + MLA/MoE ~90M, a few minutes on 2 cores
     python bench/bench_train.py --quick    # tiny configs, a smoke run (seconds)
     python bench/bench_train.py --only dense --rounds 5 --no-hf
+    python bench/bench_train.py --dtype bfloat16   # mixed precision on both sides
+
+`--dtype bfloat16` computes in bfloat16 with float32 parameters and optimizer state on
+both sides (ours: `ModelConfig.dtype`; transformers: `torch.autocast("cpu", bfloat16)`),
+and the peak probe becomes a bfloat16 x bfloat16 -> float32 matmul.
 
 The JAX step is `train.step.make_train_step` with `optax.adamw` (the trainer's step);
 the transformers step is `model(input_ids).logits` -> `F.cross_entropy` -> backward ->
@@ -187,7 +192,11 @@ class TorchRunner:
 
     name = "transformers"
 
-    def __init__(self, cfg: ModelConfig, tokens: np.ndarray, threads: int | None) -> None:
+    def __init__(
+        self, cfg: ModelConfig, tokens: np.ndarray, threads: int | None, dtype: str = "float32"
+    ) -> None:
+        import contextlib
+
         import torch
         import transformers
 
@@ -196,6 +205,11 @@ class TorchRunner:
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
+        # Mixed precision as torch users run it: float32 weights, bfloat16 autocast compute.
+        self.autocast = (
+            (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16"
+            else contextlib.nullcontext
+        )
         hf = config_to_hf(cfg, "float32")
         hf.pop("torch_dtype", None)
         hf.pop("architectures", None)
@@ -214,10 +228,11 @@ class TorchRunner:
 
     def step(self) -> None:
         torch = self.torch
-        logits = self.model(input_ids=self.inputs, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), self.targets.reshape(-1)
-        )
+        with self.autocast():
+            logits = self.model(input_ids=self.inputs, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), self.targets.reshape(-1)
+            )
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -234,18 +249,19 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-_PEAK_FNS: dict[int, Any] = {}
+_PEAK_FNS: dict[tuple[int, str], Any] = {}
 
 
-def probe_peak(n: int, seconds: float) -> tuple[float, float]:
-    """The matmul peak of `train.flops.measure_peak` (a jitted float32 `n x n` matmul,
-    repeated for `seconds`), as (FLOP per wall second, FLOP per process CPU second)."""
-    if n not in _PEAK_FNS:
-        a = jnp.ones((n, n), jnp.float32)
-        f = jax.jit(lambda x: x @ x)
+def probe_peak(n: int, seconds: float, dtype: str = "float32") -> tuple[float, float]:
+    """The matmul peak of `train.flops.measure_peak` (a jitted `n x n` matmul repeated for
+    `seconds`; float32, or bfloat16 operands with a float32 result), as (FLOP per wall
+    second, FLOP per process CPU second)."""
+    if (n, dtype) not in _PEAK_FNS:
+        a = jnp.ones((n, n), dtype)
+        f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
         f(a).block_until_ready()
-        _PEAK_FNS[n] = (f, a)
-    f, a = _PEAK_FNS[n]
+        _PEAK_FNS[n, dtype] = (f, a)
+    f, a = _PEAK_FNS[n, dtype]
     reps, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         f(a).block_until_ready()
@@ -279,7 +295,7 @@ def run_config(
     if with_hf:
         gc.collect()
         with PeakRSS() as pk:
-            runners["transformers"] = TorchRunner(cfg, tokens, args.torch_threads)
+            runners["transformers"] = TorchRunner(cfg, tokens, args.torch_threads, args.dtype)
             first["transformers"] = timed(runners["transformers"].step)[0]
         memory["transformers"] = pk.bytes
     times: dict[str, list[float]] = {k: [] for k in runners}
@@ -290,7 +306,7 @@ def run_config(
         for k in runners:
             runners[k].step()
     for i in range(args.rounds):
-        peak, peak_cpu = probe_peak(args.peak_n, args.peak_s)
+        peak, peak_cpu = probe_peak(args.peak_n, args.peak_s, args.dtype)
         peaks.append(peak)
         order = list(runners) if i % 2 == 0 else list(runners)[::-1]
         for k in order:
@@ -313,7 +329,7 @@ def run_config(
             mfu_rounds=[round(x, 3) for x in mfus[k]],
             mfu_cpu_time=round(statistics.median(mfus_cpu[k]), 4),
             peak_flops_median=round(statistics.median(peaks), 1),
-            peak_rss_growth_bytes=memory[k], loss=r.loss,
+            peak_rss_growth_bytes=memory[k], loss=r.loss, dtype=args.dtype,
         )
         if r.name == "jax":
             line.update(compile_s=round(r.compile_s, 2), compiled_bytes=r.compiled_bytes,
@@ -395,10 +411,14 @@ def main() -> None:
                         help="chunk sizes of the cross-entropy comparison")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's own choice)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of both steps (parameters and optimizer state stay "
+                        "float32) and of the peak probe")
     parser.add_argument("--peak-n", type=int, default=1024, help="matmul size of the peak probe")
     parser.add_argument("--peak-s", type=float, default=0.5, help="seconds per peak probe")
     args = parser.parse_args()
     configs = QUICK if args.quick else CONFIGS
+    configs = {k: c.replace(dtype=args.dtype) for k, c in configs.items()}
     args.batch = args.batch or (2 if args.quick else 4)
     args.seq = args.seq or (32 if args.quick else 256)
     args.rounds = args.rounds or (2 if args.quick else 3)
@@ -414,7 +434,7 @@ def main() -> None:
         bench="env", backend=jax.default_backend(), device=dev.device_kind,
         num_devices=jax.device_count(), cpu_count=os.cpu_count(),
         loadavg=list(os.getloadavg()), jax=jax.__version__, quick=args.quick,
-        dtype="float32",
+        dtype=args.dtype,
     )
     if not args.no_hf:
         import torch

@@ -36,3 +36,21 @@ def test_bench_train_quick_prints_json_lines():
     assert params[("mla_moe", "jax")] == params[("mla_moe", "transformers")]
     ce = [x for x in lines if x["bench"] == "cross_entropy"]
     assert len(ce) >= 2 and len({round(x["loss"], 3) for x in ce}) == 1  # chunked == full
+
+
+def test_bench_train_quick_bfloat16_mixed_precision():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench_train.py"), "--quick", "--only", "dense",
+         "--no-dispatch", "--no-ce", "--dtype", "bfloat16"],
+        capture_output=True, text=True, env=env, timeout=300, check=True,
+    ).stdout
+    lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert lines[0]["dtype"] == "bfloat16"
+    steps = {x["impl"]: x for x in lines if x["bench"] == "train_step"}
+    assert set(steps) == {"jax", "transformers"}
+    for x in steps.values():
+        assert x["dtype"] == "bfloat16" and x["tokens_per_s"] > 0 and math.isfinite(x["loss"]), x
+    # Both start from a random init on the same tokens: losses near ln(vocab) on both sides.
+    assert abs(steps["jax"]["loss"] - steps["transformers"]["loss"]) < 0.5
