@@ -207,7 +207,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         opt_cfg.total_steps = steps * per_step
     model = Transformer(cfg)
     workdir = config.workdir
-    with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         abstract_params = jax.eval_shape(
             lambda k: nn.unbox(model.init(k, jnp.zeros((1, seq), jnp.int32)))["params"],
             jax.random.PRNGKey(0))

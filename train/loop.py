@@ -244,7 +244,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         )
     model = Transformer(cfg)
     workdir = config.workdir
-    with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         abstract_params = jax.eval_shape(
             lambda r: nn.unbox(model.init(r, jnp.zeros((1, seq), jnp.int32)))["params"],
             jax.random.PRNGKey(0),

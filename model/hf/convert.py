@@ -492,7 +492,7 @@ def abstract_variables(cfg: ModelConfig, mesh: Mesh | None = None) -> tuple[Any,
     """(`jax.ShapeDtypeStruct` tree of the unboxed variables, matching `NamedSharding` tree or
     None): params sharded by their logical axes, router biases replicated (as the trainer)."""
     boxed = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    abstract = nn.unbox(boxed)
+    abstract = jax.eval_shape(nn.unbox, boxed)  # traced: no eager sharding constraint under a mesh
     if mesh is None:
         return abstract, None
     shardings = {"params": logical_to_sharding(nn.get_partition_spec(boxed["params"]), mesh)}

@@ -63,9 +63,10 @@ def test_sharded_forward_equals_single_device(cfg, mesh_shape, split_params, mak
     ref_logits, ref_aux = fwd(variables, tokens)
 
     mesh = make_mesh(mesh_shape)
-    with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+    with nn.logical_axis_rules(LOGICAL_RULES):
         shardings = logical_to_sharding(nn.get_partition_spec(variables), mesh)
         params = jax.device_put(nn.unbox(variables), shardings)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         in_batch = batch_sharding(mesh)
         apply = jit(lambda v, t: model.apply(v, t), in_shardings=(shardings, in_batch))
         logits, aux = apply(params, jax.device_put(tokens, in_batch))

@@ -106,7 +106,7 @@ def _run_steps(jit, tiny, mesh=None, n_steps=2):
         return state, history, variables
     shardings = jax.tree.map(lambda x: x.sharding, state)
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    with mesh, nn.logical_axis_rules(LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         fn = jit(step, in_shardings=(shardings, rep), out_shardings=(shardings, None))
         for k in keys:
             state, m = fn(state, k)
