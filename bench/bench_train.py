@@ -38,6 +38,7 @@ the transformers step is `model(input_ids).logits` -> `F.cross_entropy` -> backw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -56,7 +57,7 @@ import optax  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from model import ModelConfig, Transformer  # noqa: E402
-from train.flops import flops_per_token  # noqa: E402
+from train.flops import flops_per_token, matmul_probe, time_probe  # noqa: E402
 from train.step import StepOptions, TrainState, make_train_step  # noqa: E402
 
 LR, BETAS, WD = 1e-4, (0.9, 0.95), 0.1
@@ -195,8 +196,6 @@ class TorchRunner:
     def __init__(
         self, cfg: ModelConfig, tokens: np.ndarray, threads: int | None, dtype: str = "float32"
     ) -> None:
-        import contextlib
-
         import torch
         import transformers
 
@@ -249,25 +248,16 @@ def timed(fn: Callable[[], None]) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-_PEAK_FNS: dict[tuple[int, str], Any] = {}
+_PROBES: dict[tuple[int, str], Callable[[], None]] = {}
 
 
 def probe_peak(n: int, seconds: float, dtype: str = "float32") -> tuple[float, float]:
-    """The matmul peak of `train.flops.measure_peak` (a jitted `n x n` matmul repeated for
-    `seconds`; float32, or bfloat16 operands with a float32 result), as (FLOP per wall
-    second, FLOP per process CPU second)."""
-    if (n, dtype) not in _PEAK_FNS:
-        a = jnp.ones((n, n), dtype)
-        f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
-        f(a).block_until_ready()
-        _PEAK_FNS[n, dtype] = (f, a)
-    f, a = _PEAK_FNS[n, dtype]
-    reps, t0, c0 = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - t0 < seconds:
-        f(a).block_until_ready()
-        reps += 1
-    flops = 2 * n**3 * reps
-    return flops / (time.perf_counter() - t0), flops / max(time.process_time() - c0, 1e-9)
+    """`train.flops.measure_peak` (a jitted `n x n` matmul in `dtype`, float32 result,
+    repeated for `seconds`) compiled once per size, as (FLOP per wall second, FLOP per
+    process CPU second)."""
+    if (n, dtype) not in _PROBES:
+        _PROBES[n, dtype] = matmul_probe(n, dtype)
+    return time_probe(_PROBES[n, dtype], n, seconds)
 
 
 def run_config(

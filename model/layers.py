@@ -35,14 +35,23 @@ def transposed_dot(a: jax.Array, b: jax.Array, preferred_element_type=None) -> j
     return jnp.einsum("np,nq->pq", a, b, preferred_element_type=preferred_element_type)
 
 
+def _accum_dtype(dtype) -> jnp.dtype:
+    """float32 for floating dtypes narrower than 32 bits (bfloat16, float16), else `dtype`."""
+    dtype = jnp.dtype(dtype)
+    narrow = jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+    return jnp.dtype(jnp.float32) if narrow else dtype
+
+
 def _dot_f32_acc(a: jax.Array, b: jax.Array) -> jax.Array:
-    """`a @ b` in the inputs' dtype; on the CPU backend accumulated into a float32 result
-    first and cast after. XLA:CPU runs a bfloat16 -> bfloat16 dot at about half the rate
-    of the same dot with a float32 result (1024 x 512 x 1536 on 2 Zen 5 cores: 400 vs 890
-    GFLOP/s); GPU and TPU GEMMs accumulate in float32 and write bfloat16 natively."""
+    """`a @ b` in the inputs' dtype; on the CPU backend a narrow float dot is accumulated
+    into a float32 result first and cast after. XLA:CPU runs a bfloat16 -> bfloat16 dot at
+    about half the rate of the same dot with a float32 result (1024 x 512 x 1536 on 2 Zen 5
+    cores: 400 vs 890 GFLOP/s); GPU and TPU GEMMs accumulate in float32 and write bfloat16
+    natively."""
     out = jnp.result_type(a, b)
-    if jax.default_backend() == "cpu" and out != jnp.float32:
-        return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(out)
+    acc = _accum_dtype(out)
+    if jax.default_backend() == "cpu" and acc != out:
+        return jnp.dot(a, b, preferred_element_type=acc).astype(out)
     return jnp.dot(a, b)
 
 
@@ -61,7 +70,7 @@ def _matmul_bwd(res, dy: jax.Array):
     x, w = res
     dx = _dot_f32_acc(dy, w.T)
     dw = transposed_dot(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]),
-                        preferred_element_type=jnp.float32).astype(w.dtype)
+                        preferred_element_type=_accum_dtype(w.dtype)).astype(w.dtype)
     return dx, dw
 
 

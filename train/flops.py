@@ -12,12 +12,14 @@ over the full sequence as in PaLM (causal masking is not subtracted), d_qk = d_v
 for MHA/GQA and d_qk = qk_nope + qk_rope, d_v = v_head_dim for MLA.
 
 Peak: the dense bf16 matmul peak of the accelerator from `PEAK_FLOPS` (per chip) times the
-device count; on CPU a float32 matmul measured at start-up on the whole host (`measure_peak`).
+device count; on CPU a matmul in the model's compute dtype measured at start-up on the whole
+host (`measure_peak`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -66,23 +68,37 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return float(6 * matmul_params_per_token(cfg) + attn)
 
 
-def measure_peak(n: int = 1024, seconds: float = 0.5) -> float:
-    """FLOP/s of a jitted float32 `n x n` matmul on the default device (CPU peak proxy)."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+def matmul_probe(n: int = 1024, dtype: str = "float32") -> Callable[[], None]:
+    """A compiled `n x n x n` matmul (2 n^3 FLOPs) of `dtype` operands with a float32 result,
+    the form `model.layers.matmul` gives the model's dots; calling it runs one to completion."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
-    reps, t0 = 0, time.perf_counter()
+    return lambda: f(a).block_until_ready()
+
+
+def time_probe(probe: Callable[[], None], n: int, seconds: float) -> tuple[float, float]:
+    """Runs `matmul_probe(n, ...)` for `seconds`: (FLOP per wall second, FLOP per process
+    CPU second)."""
+    reps, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
-        f(a).block_until_ready()
+        probe()
         reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    flops = 2 * n**3 * reps
+    return flops / (time.perf_counter() - t0), flops / max(time.process_time() - c0, 1e-9)
 
 
-def peak_flops() -> tuple[float, str]:
-    """(total peak FLOP/s of all devices, how it was obtained)."""
+def measure_peak(n: int = 1024, seconds: float = 0.5, dtype: str = "float32") -> float:
+    """FLOP/s of a jitted `n x n` matmul in `dtype` on the default device (CPU peak proxy)."""
+    return time_probe(matmul_probe(n, dtype), n, seconds)[0]
+
+
+def peak_flops(dtype: str = "float32") -> tuple[float, str]:
+    """(total peak FLOP/s of all devices, how it was obtained); on CPU measured for the
+    compute `dtype` (a bfloat16 matmul runs about twice as fast as a float32 one there)."""
     dev = jax.devices()[0]
     if dev.platform == "cpu":
-        return measure_peak(), "measured float32 matmul on the CPU host"
+        return measure_peak(dtype=dtype), f"measured {dtype} matmul on the CPU host"
     kind = dev.device_kind.lower()
     for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
         if name in kind:

@@ -278,7 +278,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 f.write(config.to_json(indent=2))
         summary = _state_summary(cfg, state, mesh)
         model_flops = flops_per_token(cfg, seq)
-        peak, peak_src = peak_flops()
+        peak, peak_src = peak_flops(cfg.dtype)
         summary += (f"\nMFU basis: {model_flops / 1e6:.2f} MFLOPs/token; "
                     f"peak {peak / 1e12:.3f} TFLOP/s ({peak_src})")
         if lead:

@@ -101,3 +101,20 @@ def test_bfloat16_dots_stay_bfloat16_on_cpu():
     args = _args(2, jnp.bfloat16)
     assert ("f32", "f32") in _dot_operand_types(_swiglu_loss(jnp.dot), args)
     assert set(_dot_operand_types(_swiglu_loss(matmul), args)) == {("bf16", "bf16")}
+
+
+def test_matmul_keeps_float64_precision():
+    # Only narrow floats get the float32 result: a float64 matmul (x64 mode) and its
+    # gradients stay float64 to float64 rounding.
+    rng = np.random.default_rng(4)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal((4, 512)))
+        w = jnp.asarray(rng.standard_normal((512, 8)))
+        dy = rng.standard_normal((4, 8))
+        y, vjp = jax.vjp(matmul, x, w)
+        dx, dw = vjp(jnp.asarray(dy))
+        assert y.dtype == dx.dtype == dw.dtype == jnp.float64
+        xn, wn = np.asarray(x), np.asarray(w)
+        np.testing.assert_allclose(np.asarray(y), xn @ wn, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(dx), dy @ wn.T, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(dw), xn.T @ dy, rtol=0, atol=1e-12)

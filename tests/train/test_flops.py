@@ -27,3 +27,4 @@ def test_moe_counts_only_active_experts():
 
 def test_measured_peak_is_positive():
     assert measure_peak(64, 0.05) > 0
+    assert measure_peak(64, 0.05, "bfloat16") > 0
