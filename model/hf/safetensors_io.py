@@ -5,7 +5,10 @@ N bytes of JSON `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__met
 then the raw little-endian tensor bytes. Reading memory-maps each file: a tensor is a
 zero-copy view, and only the slices that are used are ever read from disk. The
 `safetensors` package's numpy backend cannot represent bfloat16 or float8 (and its other
-backends pull in torch or place tensors on a device), hence this small reader.
+backends pull in torch or place every tensor on a device, the wrong place for a checkpoint
+larger than the accelerator), hence this small reader and writer, and no dependency on the
+`safetensors` package. tests/model/test_hf.py checks both against it: transformers reads what
+`write_safetensors` writes, and `SafetensorsReader` reads what transformers writes.
 
 Writing streams one tensor at a time: the header is computed from shapes and dtypes, then
 each tensor is produced (e.g. fetched from the accelerator), written and dropped.

@@ -11,22 +11,20 @@ import json
 import os
 import shutil
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-import flax.linen as nn  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_dtypes  # noqa: E402
-
-import model.hf as hf  # noqa: E402
-from model import Transformer, init_cache, make_mesh  # noqa: E402
-from model.hf import safetensors_io  # noqa: E402
-from model.hf.__main__ import main as cli  # noqa: E402
-from model.sharding import logical_to_sharding  # noqa: E402
+import model.hf as hf
+from model import Transformer, init_cache, make_mesh
+from model.hf import safetensors_io
+from model.hf.__main__ import main as cli
+from model.sharding import logical_to_sharding
 
 V = 96  # vocabulary
 TOL = 1e-4

@@ -64,7 +64,7 @@ def _transposed_dots(mm) -> list[str]:
     return [d for d in dots if "lhs_contracting_dims={0}" in d and "rhs_contracting_dims={1}" in d]
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backend's dot forms")
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="needs the CPU backend: checks its dot forms")
 def test_weight_gradients_compile_to_canonical_dots_on_cpu():
     # Plain autodiff of jnp.dot gets the slow form here (the check below is not vacuous) ...
     assert _transposed_dots(jnp.dot)
@@ -93,7 +93,7 @@ def _dot_operand_types(fn, args) -> list[tuple[str, str]]:
     return [(types[a], types[b]) for a, b in dots]
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU backend's dot forms")
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="needs the CPU backend: checks its dot forms")
 def test_bfloat16_dots_stay_bfloat16_on_cpu():
     # For a bf16 -> bf16 dot XLA:CPU converts the operands to f32 and runs an f32 dot (half
     # the rate of a bf16 dot with an f32 result); matmul's forward and input-gradient dots
