@@ -4,7 +4,8 @@ Both modules map `x [batch, length, d_model]` to `(y [batch, length, d_model],
 max_logits [heads])`, where `max_logits[h]` is the largest scaled logit `q.k * scale`
 of head `h` over the whole (global) batch and all unmasked query/key pairs: the
 statistic QK-clip (Kimi K2) needs. With `cfg.attn_impl == "dot_product"` the training
-forward goes through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU) and
+forward goes through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU, XLA's
+elsewhere and where cuDNN cannot run the case, with a warning; `fused_attention`) and
 `max_logits` is NaN (not computed).
 
 Masks. Training/eval (`decode=False`): causal within the row and, when `segment_ids`
@@ -15,6 +16,8 @@ different positions.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import flax.linen as nn
 import jax
@@ -46,21 +49,6 @@ def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.A
     )
 
 
-def masked_softmax_attention(
-    logits: jax.Array, mask: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Softmax over the last axis of float32 `logits [batch, heads..., q, k]` under
-    `mask [batch, q, k]`; returns (probabilities, per-head max logit over batch, q, k)."""
-    extra = logits.ndim - 3  # number of head axes
-    m = mask.reshape(mask.shape[:1] + (1,) * extra + mask.shape[1:])
-    masked = jnp.where(m, logits, -jnp.inf)
-    probs = jax.nn.softmax(masked, axis=-1)
-    probs = jnp.where(m, probs, 0.0)  # rows with no visible key (never in practice)
-    reduce_axes = (0,) + tuple(range(1 + extra, logits.ndim))
-    max_logits = jnp.max(masked, axis=reduce_axes)
-    return probs, max_logits
-
-
 def masked_exp(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Softmax of float32 `logits [batch, heads..., q, k]` under `mask [batch, q, k]`, left
     unnormalized: returns `(exp(logit - row max)` (0 where masked), the row sums
@@ -79,24 +67,49 @@ def masked_exp(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array
     return e, jnp.where(denom > 0, denom, 1.0), max_logits
 
 
+# Exceptions with which `jax.nn.dot_product_attention(implementation="cudnn")` says, at trace
+# time, that cuDNN cannot run this case here: RuntimeError ("cuDNN is not detected"),
+# NotImplementedError (dtype, head dim, GPU generation or cuDNN version unsupported),
+# ValueError (layout, mask or sharding it does not take).
+_CUDNN_UNSUPPORTED = (RuntimeError, NotImplementedError, ValueError)
+
+
+def _auto_implementation() -> str:
+    """The kernel `fused_attention(implementation=None)` tries first: cuDNN on GPU, else XLA."""
+    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+
 def fused_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, scale: float
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, scale: float,
+    implementation: str | None = None,
 ) -> jax.Array:
     """Causal (and same-segment) attention through `jax.nn.dot_product_attention`: `q [b, t,
-    h, d]`, `k, v [b, t, kv_heads, d]` -> `[b, t, h, d]`. On GPU it asks for cuDNN's flash
-    attention and falls back to XLA where cuDNN does not support the case (it raises at
-    trace time); elsewhere it is XLA's. No max-logit statistic comes out of it."""
+    h, d]`, `k, v [b, t, kv_heads, d]` -> `[b, t, h, d]`. No max-logit statistic comes out of
+    it.
+
+    Args:
+      implementation: `"cudnn"` (cuDNN flash attention; raises with cuDNN's reason when it
+        cannot run the case), `"xla"`, or None (what `attn_impl="dot_product"` uses): cuDNN
+        on GPU, else XLA; when cuDNN cannot run the case it falls back to XLA and says so
+        with a `UserWarning` naming cuDNN's reason (Python shows it once per reason).
+    """
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     call = lambda impl: jax.nn.dot_product_attention(  # noqa: E731
         q, k, v, mask=mask, scale=scale, is_causal=True, implementation=impl)
-    if jax.default_backend() == "gpu":
+    if implementation is not None:
+        return call(implementation)
+    impl = _auto_implementation()
+    if impl == "cudnn":
         try:
             return call("cudnn")
-        except Exception:  # noqa: BLE001 - unsupported shape/dtype/mask: use XLA's
-            pass
-    return call(None)
+        except _CUDNN_UNSUPPORTED as e:
+            warnings.warn(
+                f"attn_impl='dot_product': cuDNN flash attention cannot run here "
+                f"({type(e).__name__}: {e}); using XLA's attention instead", stacklevel=2)
+            impl = "xla"
+    return call(impl)
 
 
 def _no_max_logits(n_heads: int) -> jax.Array:

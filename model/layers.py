@@ -10,75 +10,12 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
-
-
-def dtype_of(name: str) -> jnp.dtype:
-    return jnp.dtype(name)
-
-
-def transposed_dot(a: jax.Array, b: jax.Array, preferred_element_type=None) -> jax.Array:
-    """`a^T b` for `a [n, p]`, `b [n, q]` -> `[p, q]`: a weight gradient (inputs^T @ output
-    gradients, summed over the `n` tokens).
-
-    On the CPU backend `a^T` is materialized behind an optimization barrier first, so that
-    XLA gets the canonical `[p, n] @ [n, q]` product. Left to itself, XLA:CPU folds the
-    transpose into the dot and, when `b` has other consumers, lays `b` out transposed
-    instead, producing a `dot(a: contract 0, b^T: contract 1)` that no fast kernel
-    (YNNPACK/XNNPACK) accepts: the Eigen fallback ran it at ~40% of the canonical form's
-    rate (1024 x 512 x 1536: 180 vs 460 GFLOP/s on 2 Zen 5 cores), and the weight
-    gradients are a third of a transformer's matmul FLOPs. Other backends get the plain
-    `einsum` (their GEMMs take transposed operands natively).
-    """
-    if jax.default_backend() == "cpu":
-        a = jax.lax.optimization_barrier(a.T)
-        return jnp.dot(a, b, preferred_element_type=preferred_element_type)
-    return jnp.einsum("np,nq->pq", a, b, preferred_element_type=preferred_element_type)
-
-
-def _accum_dtype(dtype) -> jnp.dtype:
-    """float32 for floating dtypes narrower than 32 bits (bfloat16, float16), else `dtype`."""
-    dtype = jnp.dtype(dtype)
-    narrow = jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
-    return jnp.dtype(jnp.float32) if narrow else dtype
-
-
-def _dot_f32_acc(a: jax.Array, b: jax.Array) -> jax.Array:
-    """`a @ b` in the inputs' dtype; on the CPU backend a narrow float dot is accumulated
-    into a float32 result first and cast after. XLA:CPU runs a bfloat16 -> bfloat16 dot at
-    about half the rate of the same dot with a float32 result (1024 x 512 x 1536 on 2 Zen 5
-    cores: 400 vs 890 GFLOP/s); GPU and TPU GEMMs accumulate in float32 and write bfloat16
-    natively."""
-    out = jnp.result_type(a, b)
-    acc = _accum_dtype(out)
-    if jax.default_backend() == "cpu" and acc != out:
-        return jnp.dot(a, b, preferred_element_type=acc).astype(out)
-    return jnp.dot(a, b)
-
-
-@jax.custom_vjp
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """`x @ w` for `x [..., in]`, `w [in, out]` -> `[..., out]`, whose weight gradient is
-    formed by `transposed_dot` (the `x [tokens, in]` flattened over its leading axes)."""
-    return _dot_f32_acc(x, w)
-
-
-def _matmul_fwd(x: jax.Array, w: jax.Array):
-    return _dot_f32_acc(x, w), (x, w)
-
-
-def _matmul_bwd(res, dy: jax.Array):
-    x, w = res
-    dx = _dot_f32_acc(dy, w.T)
-    dw = transposed_dot(x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1]),
-                        preferred_element_type=_accum_dtype(w.dtype)).astype(w.dtype)
-    return dx, dw
-
-
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+from model.matmul import matmul
 
 
 class Linear(nn.Module):
-    """`y = x W (+ b)` with an `[in, out]` kernel that carries logical axis names.
+    """`y = x W (+ b)` with an `[in, out]` kernel that carries logical axis names; the product
+    is `model.matmul.matmul` (which holds the backend-specific kernel workarounds).
 
     Defined with `setup` so that the kernel itself can be read (`module.kernel`), which
     MLA's absorbed decoding needs.

@@ -19,9 +19,11 @@ Dispatch (`ModelConfig.moe_dispatch`):
   blocks of `B` rows, each expert's rows padded to a multiple of `B` (MegaBlocks, Gale et
   al. 2022); a scan over the blocks applies each block's expert (a grouped matmul) and skips
   the unused tail blocks, so compute is tokens * top_k rows plus under `B` padding rows per
-  expert, and nothing is dropped. With an `expert` mesh axis of size > 1 the blocks of each
+  expert, and nothing is dropped. When the module is given a `mesh` whose `expert` axis
+  (the mesh axis the logical rules map `act_expert` to) has size > 1, the blocks of each
   device's experts are computed where the experts live, tokens travelling there and back
-  with two `all_to_all`s (`jax.shard_map` over `expert`).
+  with two `all_to_all`s (`jax.shard_map` over `expert`); `mesh=None` runs the
+  single-program path (which the partitioner may still shard).
 - `"dense"`: every token through every expert, outputs combined with one-hot gates:
   O(tokens * experts), the reference the others are measured against.
 """
@@ -34,7 +36,6 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.interpreters import pxla
 from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -171,12 +172,15 @@ def _silu_grad(g: jax.Array) -> jax.Array:
     return s * (1 + g * (1 - s))
 
 
-def _expert_loops(body, carry, b0, nb, block):
+def _expert_loops(body, carry, b0, nb, block, rows):
     """Runs `body(size, row0, carry)` over the `nb` blocks of `block` rows from block `b0`:
     first as many chunks of `4 * block` rows as fit, then the remaining single blocks (fewer
     loop steps and larger matmuls than single blocks only; rows are still padded to
-    `block`, so the waste stays under `block` rows per expert)."""
+    `block`, so the waste stays under `block` rows per expert). A layout of fewer than
+    `4 * block` rows (few tokens: a decode step) has no chunk and runs single blocks only."""
     big = 4 * block
+    if rows < big:  # a chunk's static slice would not fit in the layout
+        return jax.lax.fori_loop(0, nb, lambda j, c: body(block, (b0 + j) * block, c), carry)
     n_big = nb // 4
     carry = jax.lax.fori_loop(0, n_big, lambda j, c: body(big, (b0 + 4 * j) * block, c), carry)
     start = b0 + 4 * n_big
@@ -203,7 +207,7 @@ def _grouped_fwd(xs, first, n_blocks, w_gate, w_up, w_down, block):
             y = (nn.silu(gu[:, :f]) * gu[:, f:]) @ wd
             return dupdate(ys, y, r0, 0), dupdate(gus, gu, r0, 0)
 
-        return _expert_loops(body, carry, b0, nb, block), None
+        return _expert_loops(body, carry, b0, nb, block, rows), None
 
     init = (jnp.zeros((rows, d), xs.dtype), jnp.zeros((rows, 2 * f), xs.dtype))
     (ys, gus), _ = jax.lax.scan(expert, init, (w_gate, w_up, w_down, first, n_blocks))
@@ -248,7 +252,7 @@ def _grouped_vjp_bwd(block, res, dys):
             return jax.lax.dynamic_update_slice_in_dim(dx, dxb, r0, 0), dwgu, dwd
 
         zeros = (jnp.zeros(wgu.shape, f32), jnp.zeros(wd.shape, f32))
-        dx, dwgu, dwd = _expert_loops(body, (dx, *zeros), b0, nb, block)
+        dx, dwgu, dwd = _expert_loops(body, (dx, *zeros), b0, nb, block, xs.shape[0])
         return dx, (dwgu[:, :f], dwgu[:, f:], dwd)
 
     dx, (dwg, dwu, dwd) = jax.lax.scan(
@@ -264,9 +268,11 @@ class Experts(nn.Module):
     """Stacked SwiGLU experts, `[E, d_in, d_out]` weights sharded on `expert`.
 
     `__call__` runs the capacity buffers, `dense` and `dropless` the other dispatches
-    (`ModelConfig.moe_dispatch`); all three use the same parameters."""
+    (`ModelConfig.moe_dispatch`); all three use the same parameters. `mesh`: the device mesh
+    for the expert-parallel dropless path (None: the single-program path)."""
 
     cfg: ModelConfig
+    mesh: Mesh | None = None
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -305,10 +311,10 @@ class Experts(nn.Module):
     def dropless(self, x: jax.Array, idx: jax.Array, gates: jax.Array) -> jax.Array:
         """Sorted dispatch: `x [n, d]`, chosen experts `idx [n, k]` and their `gates [n, k]`
         -> `sum_k gates * expert_k(x)` `[n, d]`, every assignment computed. Expert-parallel
-        (`expert_parallel_dropless`) when the mesh in context splits the `expert` axis."""
+        (`expert_parallel_dropless`) when `self.mesh` splits the expert axis."""
         w = self._weights()
         x = x.astype(w[0].dtype)
-        ep = _expert_mesh(self.cfg.n_routed_experts, x.shape[0])
+        ep = _expert_mesh(self.mesh, self.cfg.n_routed_experts, x.shape[0])
         if ep is not None:
             return expert_parallel_dropless(x, idx, gates, w, *ep)
         return dropless_combine(x, idx, gates, w)
@@ -356,17 +362,16 @@ def _capacity_dispatch(
     return y, jnp.sum(vk & ~keep) / jnp.maximum(jnp.sum(vk), 1)
 
 
-def _expert_mesh(n_experts: int, n_tokens: int) -> tuple[Mesh | AbstractMesh, str] | None:
-    """`(mesh, axis)` when the mesh in context (`jax.set_mesh` or the legacy `with mesh:`)
-    splits the mesh axis that the logical rules map `act_expert` to over more than one
-    device and that size divides the expert and token counts; else None."""
-    axis = nn.logical_to_mesh_axes(("act_expert",))[0]
-    if not isinstance(axis, str):
+def _expert_mesh(
+    mesh: Mesh | AbstractMesh | None, n_experts: int, n_tokens: int
+) -> tuple[Mesh | AbstractMesh, str] | None:
+    """`(mesh, axis)` when `mesh` splits the mesh axis that the logical rules map
+    `act_expert` to over more than one device and that size divides the expert and token
+    counts; else None (also for `mesh=None`)."""
+    if mesh is None or mesh.empty:
         return None
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        mesh = pxla.thread_resources.env.physical_mesh
-    if mesh.empty or axis not in mesh.axis_names:
+    axis = nn.logical_to_mesh_axes(("act_expert",))[0]
+    if not isinstance(axis, str) or axis not in mesh.axis_names:
         return None
     size = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))[axis]
     return (mesh, axis) if size > 1 and n_experts % size == 0 == n_tokens % size else None
@@ -425,9 +430,13 @@ def expert_parallel_dropless(
 
 
 class MoE(nn.Module):
-    """Shared + routed experts (DeepSeek-V3 Eq. 12-16) with the loss-free balancing bias."""
+    """Shared + routed experts (DeepSeek-V3 Eq. 12-16) with the loss-free balancing bias.
+
+    `mesh`: the device mesh, for the expert-parallel dropless dispatch (`Experts.dropless`);
+    None: no expert-parallel `shard_map` (the single-program path)."""
 
     cfg: ModelConfig
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(
@@ -457,7 +466,7 @@ class MoE(nn.Module):
         load = expert_load(idx, e, valid)
 
         xf = x.reshape(n, d)
-        experts = Experts(cfg, name="experts")
+        experts = Experts(cfg, mesh=self.mesh, name="experts")
         if cfg.moe_dispatch == "capacity":
             y, dropped = _capacity_dispatch(experts, xf, idx, gates, c=capacity(
                 n, e, k, cfg.capacity_factor), valid=valid)

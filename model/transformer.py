@@ -9,17 +9,20 @@ Variables:
 Parameter layout: `embed/embedding`, `layers_{i}/{attn_norm,attn,ffn_norm,mlp|moe}/...`,
 `final_norm/scale`, `lm_head/kernel`. With `scan_layers=True` the blocks are stacked with
 a leading `layers` axis under `dense_stack/...` (the first `first_k_dense` layers, or all
-of a dense model) and `moe_stack/...`.
+of a dense model) and `moe_stack/...`. `attention_param_paths` and `moe_bias_paths` give the
+paths that code outside the model (QK-clip, the balancing update) works on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from model.attention import Attention, MLAttention
 from model.config import ModelConfig
@@ -38,6 +41,7 @@ class Block(nn.Module):
     cfg: ModelConfig
     moe: bool = False
     decode: bool = False
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(
@@ -52,7 +56,7 @@ class Block(nn.Module):
         h = RMSNorm(cfg.norm_eps, dt, pdt, name="ffn_norm")(x)
         aux: dict[str, jax.Array] = {"max_logits": max_logits}
         if self.moe:
-            h, moe_aux = MoE(cfg, name="moe")(h, segment_ids)
+            h, moe_aux = MoE(cfg, mesh=self.mesh, name="moe")(h, segment_ids)
             aux.update(moe_aux)
         else:
             h = SwiGLU(cfg, cfg.ffn_dim, name="mlp")(h)
@@ -79,9 +83,17 @@ class Transformer(nn.Module):
     the final-norm output before the LM head, so that a loss can apply the head in chunks
     (`lm_head(cfg, params)` gives its kernel and logit multiplier). Initialize with the
     default `return_hidden=False` (the head's parameters are created by that path).
+
+    `mesh`: the device mesh the model runs on, given explicitly (as MaxText does) to the
+    parts that place work on devices themselves: MoE's expert-parallel dropless dispatch
+    (`jax.shard_map` with `all_to_all` over the mesh axis the logical rules map `act_expert`
+    to; apply under `nn.logical_axis_rules(LOGICAL_RULES)`). None (default): no such path, the
+    single-program forward that the partitioner shards from the annotations alone. A mesh
+    changes no parameter and (up to float rounding) no result, only where the work runs.
     """
 
     cfg: ModelConfig
+    mesh: Mesh | None = None
 
     @nn.compact
     def __call__(
@@ -127,14 +139,14 @@ class Transformer(nn.Module):
                     length=n,
                     metadata_params={nn.PARTITION_NAME: "layers"},
                 )
-                x, aux = scanned(cfg, is_moe, decode, name=name)(x, positions, segment_ids)
+                x, aux = scanned(cfg, is_moe, decode, self.mesh, name=name)(
+                    x, positions, segment_ids)
                 auxes.append(aux)
         else:
             for i in range(cfg.n_layers):
                 is_moe = i >= cfg.n_dense_layers
-                x, aux = _block_cls(cfg, False)(cfg, is_moe, decode, name=f"layers_{i}")(
-                    x, positions, segment_ids
-                )
+                x, aux = _block_cls(cfg, False)(cfg, is_moe, decode, self.mesh,
+                                                name=f"layers_{i}")(x, positions, segment_ids)
                 auxes.append(jax.tree.map(lambda a: a[None], aux))
 
         x = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x)
@@ -185,6 +197,78 @@ def init_cache(model: Transformer, params: Any, batch_size: int) -> Any:
         lambda p: model.apply(p, tokens, decode=True, mutable=["cache"])[1]["cache"], params
     )
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionParamPaths:
+    """Where one attention module (or one scanned stack of them) keeps its query and key
+    weights inside `params`, how its heads are laid out, and which rows of the forward's
+    `aux["max_logits"] [layers, heads]` hold its heads' max logits.
+
+    Attributes:
+      kind: `"mha"` (also GQA/MQA) or `"mla"`.
+      block: the block's key in `params`: `layers_{i}`, or `dense_stack` / `moe_stack`.
+      q_kernel: the query kernel `[(layers,) in, heads * q_head_dim]`: `attn/q_proj/kernel`
+        (MLA: `attn/q_b_proj/kernel` with a q LoRA; per head `[qk_nope, qk_rope]`).
+      k_kernel: MHA: `attn/k_proj/kernel` `[(layers,) d_model, kv_heads * head_dim]`; MLA:
+        `attn/kv_b_proj/kernel` `[(layers,) kv_lora_rank, heads * (qk_nope + v)]`, per head
+        `[k_nope, v]` (the shared rope key is in `kv_a_proj`).
+      q_bias, k_bias: MHA biases `[(layers,) heads * head_dim]` with `attn_bias`, else None.
+      rows: the rows of `max_logits` this entry owns (`rows.stop - rows.start` = its layers).
+      stacked: the kernels carry a leading `layers` axis (a scanned stack).
+      num_heads, num_kv_heads: query heads, key/value heads (MLA: `num_heads`).
+      head_dim: MHA head size (MLA: 0).
+      qk_nope_head_dim, qk_rope_head_dim, v_head_dim: MLA head sizes (MHA: 0).
+    """
+
+    kind: Literal["mha", "mla"]
+    block: str
+    q_kernel: tuple[str, ...]
+    k_kernel: tuple[str, ...]
+    q_bias: tuple[str, ...] | None
+    k_bias: tuple[str, ...] | None
+    rows: slice
+    stacked: bool
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+
+
+def attention_param_paths(cfg: ModelConfig) -> list[AttentionParamPaths]:
+    """The query/key weights of every attention module of `Transformer(cfg)`'s `params`, in
+    layer order: one entry per layer, or one per scanned stack with `scan_layers`."""
+    if cfg.scan_layers:
+        blocks = [("dense_stack", slice(0, cfg.n_dense_layers))] if cfg.n_dense_layers else []
+        if cfg.n_moe_layers:
+            blocks.append(("moe_stack", slice(cfg.n_dense_layers, cfg.n_layers)))
+    else:
+        blocks = [(f"layers_{i}", slice(i, i + 1)) for i in range(cfg.n_layers)]
+    out = []
+    for name, rows in blocks:
+        path = lambda module, leaf, name=name: (name, "attn", module, leaf)  # noqa: E731
+        if cfg.attention == "mla":
+            q = "q_b_proj" if cfg.q_lora_rank else "q_proj"
+            out.append(AttentionParamPaths(
+                kind="mla", block=name, q_kernel=path(q, "kernel"),
+                k_kernel=path("kv_b_proj", "kernel"), q_bias=None, k_bias=None, rows=rows,
+                stacked=cfg.scan_layers, num_heads=cfg.n_heads, num_kv_heads=cfg.n_heads,
+                qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+                v_head_dim=cfg.v_head_dim,
+            ))
+        else:
+            bias = cfg.attn_bias
+            out.append(AttentionParamPaths(
+                kind="mha", block=name, q_kernel=path("q_proj", "kernel"),
+                k_kernel=path("k_proj", "kernel"),
+                q_bias=path("q_proj", "bias") if bias else None,
+                k_bias=path("k_proj", "bias") if bias else None, rows=rows,
+                stacked=cfg.scan_layers, num_heads=cfg.n_heads, num_kv_heads=cfg.num_kv_heads,
+                head_dim=cfg.attn_head_dim,
+            ))
+    return out
 
 
 def moe_bias_paths(cfg: ModelConfig) -> list[tuple[str, ...]]:

@@ -12,7 +12,9 @@ pad slots are never seen.
 
 MoE models: the expert capacity is computed per forward call (prefill: B * P tokens, each
 decode step: B tokens), so sampling is exact (equal to the full forward) when no token is
-dropped, i.e. `capacity_factor >= n_routed_experts / top_k`.
+dropped, i.e. `capacity_factor >= n_routed_experts / top_k`. The model's `mesh`
+(`Transformer(cfg, mesh=mesh)`) applies here too: with `moe_dispatch="dropless"` and an
+`expert` mesh axis, every forward whose token count that axis divides runs expert-parallel.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Wires `optim.qk_clip` to the model's parameter layout (the trainer's post-update hook)."""
+"""Wires `optim.qk_clip` to the model's parameter layout (the trainer's post-update hook).
+
+The layout itself (which kernels, which rows of `max_logits`) is the model's:
+`model.attention_param_paths`; this module only turns it into `optim.QKClipTarget`s.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from typing import Any
 import jax
 
 import optim
-from model import ModelConfig
+from model import ModelConfig, attention_param_paths
 
 
 def qk_clip_targets(cfg: ModelConfig) -> list[tuple[optim.QKClipTarget, slice]]:
@@ -18,32 +22,21 @@ def qk_clip_targets(cfg: ModelConfig) -> list[tuple[optim.QKClipTarget, slice]]:
     if cfg.attn_impl != "explicit":
         raise ValueError(f"qk_clip needs the max-logit statistic, which attn_impl="
                          f"{cfg.attn_impl!r} does not compute (use attn_impl='explicit')")
-    if cfg.scan_layers:
-        blocks = [("dense_stack", slice(0, cfg.n_dense_layers))] if cfg.n_dense_layers else []
-        if cfg.n_moe_layers:
-            blocks.append(("moe_stack", slice(cfg.n_dense_layers, cfg.n_layers)))
-    else:
-        blocks = [(f"layers_{i}", slice(i, i + 1)) for i in range(cfg.n_layers)]
     out = []
-    for name, rows in blocks:
-        if cfg.attention == "mla":
-            q = "q_b_proj" if cfg.q_lora_rank else "q_proj"
+    for a in attention_param_paths(cfg):
+        if a.kind == "mla":
             t = optim.QKClipTarget(
-                kind="mla", q_path=(name, "attn", q, "kernel"),
-                k_path=(name, "attn", "kv_b_proj", "kernel"), logits_key=name,
-                num_heads=cfg.n_heads, qk_nope_head_dim=cfg.qk_nope_head_dim,
-                qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+                kind="mla", q_path=a.q_kernel, k_path=a.k_kernel, logits_key=a.block,
+                num_heads=a.num_heads, qk_nope_head_dim=a.qk_nope_head_dim,
+                qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim,
             )
         else:
-            bias = cfg.attn_bias
             t = optim.QKClipTarget(
-                kind="mha", q_path=(name, "attn", "q_proj", "kernel"),
-                k_path=(name, "attn", "k_proj", "kernel"), logits_key=name,
-                num_heads=cfg.n_heads, num_kv_heads=cfg.num_kv_heads,
-                q_bias_path=(name, "attn", "q_proj", "bias") if bias else None,
-                k_bias_path=(name, "attn", "k_proj", "bias") if bias else None,
+                kind="mha", q_path=a.q_kernel, k_path=a.k_kernel, logits_key=a.block,
+                num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
+                q_bias_path=a.q_bias, k_bias_path=a.k_bias,
             )
-        out.append((t, rows))
+        out.append((t, a.rows))
     return out
 
 

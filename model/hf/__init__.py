@@ -3,7 +3,7 @@ Qwen2 and Llama checkpoints (safetensors) with logit parity.
 
     from model import hf
     cfg, variables = hf.load("path/to/hf_dir", mesh=mesh, dtype="bfloat16")
-    logits, aux = Transformer(cfg).apply(variables, tokens)
+    logits, aux = Transformer(cfg, mesh=mesh).apply(variables, tokens)
     hf.save("out_dir", cfg, variables)      # transformers.AutoModelForCausalLM loads it
 
 `load` reads tensors one at a time from memory-mapped safetensors and puts each straight

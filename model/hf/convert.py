@@ -484,8 +484,14 @@ def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int])
     return w.astype(np.float32) * s[: w.shape[0], : w.shape[1]]
 
 
+def _name(kp) -> str:
+    """A leaf's key path as `params/layers_0/attn/q_proj/kernel`."""
+    return jax.tree_util.keystr(kp, simple=True, separator="/")
+
+
 def _path(kp) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in kp)
+    """A leaf's key path as the tuple of its keys (the `TensorMap.ours` form)."""
+    return tuple(_name(kp).split("/"))
 
 
 def abstract_variables(cfg: ModelConfig, mesh: Mesh | None = None) -> tuple[Any, Any]:
@@ -583,7 +589,7 @@ def load(
     def put(kp, leaf, sharding=None):
         src = targets[_path(kp)]
         if tuple(src.shape) != tuple(leaf.shape):
-            raise ValueError(f"{'/'.join(_path(kp))}: checkpoint shape {tuple(src.shape)} != "
+            raise ValueError(f"{_name(kp)}: checkpoint shape {tuple(src.shape)} != "
                              f"model shape {tuple(leaf.shape)}")
         if sharding is None:
             full = tuple(slice(None) for _ in leaf.shape)

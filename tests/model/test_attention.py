@@ -1,7 +1,8 @@
 """Attention: causality, packed segments, cached decode == full forward (MHA, GQA, MLA with
 and without q_lora, scanned or not, per-row positions), the MLA latent cache size, max_logits
 and a one-layer forward against a numpy reference, the `jax.nn.dot_product_attention` path ==
-the explicit one (values and gradients), and RoPE invariants."""
+the explicit one (values and gradients), its reported fallback from cuDNN, the parameter
+paths `attention_param_paths` gives QK-clip, and RoPE invariants."""
 
 import functools
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from model import ModelConfig, init_cache
+from model import ModelConfig, Transformer, attention, attention_param_paths, init_cache
 from model.layers import apply_rope
 
 # Parameters come from the `make_model` fixture (conftest.py): random with gain 1.5, so attention is
@@ -273,6 +274,56 @@ def test_dot_product_attention_equals_explicit(make_model, jit, name):
     for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-4)
     assert np.all(np.isfinite(np.asarray(ref_max))) and np.all(np.isnan(np.asarray(got_max)))
+
+
+def test_dot_product_attention_reports_cudnn_fallback(make_model, jit, monkeypatch):
+    """attn_impl="dot_product" asks for cuDNN flash attention on GPU (simulated here); where
+    cuDNN cannot run (on this CPU: no cuDNN) it warns with the reason and runs XLA's
+    attention, which gives the explicit path's logits. Asked for explicitly, cuDNN raises."""
+    monkeypatch.setattr(attention, "_auto_implementation", lambda: "cudnn")
+    model, variables, ref_fwd = make_model(GQA)
+    fused = type(model)(GQA.replace(attn_impl="dot_product"))
+    tokens = _tokens((B, T))
+    with pytest.warns(UserWarning, match=r"cuDNN flash attention cannot run here \(\w+: .+\); "
+                                         r"using XLA's attention instead"):
+        got, _ = jit(lambda v, t: fused.apply(v, t))(variables, tokens)
+    ref, _ = ref_fwd(variables, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+    q = jnp.zeros((1, 8, 2, 16), jnp.float32)
+    with pytest.raises((RuntimeError, NotImplementedError, ValueError)):
+        attention.fused_attention(q, q, q, None, 0.25, implementation="cudnn")
+
+
+@pytest.mark.parametrize("cfg", [
+    GQA.replace(attn_bias=True), MLA, MLA_MOE, MLA_MOE.replace(scan_layers=True),
+    GQA.replace(n_routed_experts=4, top_k=2, moe_ffn_dim=16, scan_layers=True),
+], ids=["gqa_bias", "mla", "mla_moe", "mla_moe_scan", "gqa_moe_scan"])
+def test_attention_param_paths_name_the_kernels(cfg):
+    """Every path names a parameter of the built model with the documented head layout, and
+    the entries own the rows of `max_logits [layers, heads]` in order, each row once."""
+    variables = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    params = nn.unbox(variables["params"])
+    entries = attention_param_paths(cfg)
+    assert [r for a in entries for r in range(a.rows.start, a.rows.stop)] == list(range(cfg.n_layers))
+    for a in entries:
+        lead = (a.rows.stop - a.rows.start,) if a.stacked else ()
+        assert a.stacked == cfg.scan_layers and a.q_kernel[0] == a.k_kernel[0] == a.block
+        leaf = lambda path: functools.reduce(lambda node, key: node[key], path, params).shape  # noqa: E731
+        h = a.num_heads
+        if a.kind == "mla":
+            nope, rope, v = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+            assert leaf(a.q_kernel) == lead + (cfg.q_lora_rank or cfg.d_model, h * (nope + rope))
+            assert leaf(a.k_kernel) == lead + (cfg.kv_lora_rank, h * (nope + v))
+            assert a.q_bias is a.k_bias is None
+        else:
+            assert leaf(a.q_kernel) == lead + (cfg.d_model, h * a.head_dim)
+            assert leaf(a.k_kernel) == lead + (cfg.d_model, a.num_kv_heads * a.head_dim)
+            if cfg.attn_bias:
+                assert leaf(a.q_bias) == lead + (h * a.head_dim,)
+                assert leaf(a.k_bias) == lead + (a.num_kv_heads * a.head_dim,)
+            else:
+                assert a.q_bias is a.k_bias is None
 
 
 # ---------------------------------------------------------------- RoPE

@@ -1,5 +1,6 @@
-"""`model.layers.matmul` / `transposed_dot`: the projection whose weight gradient is formed
-as a canonical `[in, tokens] @ [tokens, out]` product on CPU."""
+"""`model.matmul.matmul` / `transposed_dot` (the product of every `model.layers.Linear`):
+values and gradients equal `jnp.dot`'s, and on CPU the weight gradient is a canonical
+`[in, tokens] @ [tokens, out]` product and bfloat16 dots keep bfloat16 operands."""
 
 import re
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.layers import matmul, transposed_dot
+from model.matmul import matmul, transposed_dot
 
 
 def _swiglu_loss(mm):

@@ -13,7 +13,14 @@ from flax import linen as nn
 
 from model import LOGICAL_RULES, ModelConfig, make_mesh, max_violation, moe_bias_paths, update_router_bias
 from model import update_router_biases as update_all
-from model.moe import MoE, dropless_combine, select_experts, sequence_aux_loss, sorted_layout
+from model.moe import (
+    MoE,
+    block_rows,
+    dropless_combine,
+    select_experts,
+    sequence_aux_loss,
+    sorted_layout,
+)
 from model.sharding import batch_sharding, logical_to_sharding
 
 # ---------------------------------------------------------------- routing by hand
@@ -253,9 +260,37 @@ def test_dropless_grouped_swiglu_equals_dense_on_skewed_loads(block, jit):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def _moe_loss(cfg):
+@pytest.mark.parametrize("n", [1, 3])
+def test_dropless_few_tokens_equals_dense(n, jit):
+    """A layout shorter than one 4-block chunk (a decode step's few tokens: 16 and 24 rows
+    here) runs single blocks; values and gradients against every token through every
+    expert."""
+    k, e, d, f = 2, 3, 6, 7
+    rng = np.random.default_rng(12)
+    idx = jnp.asarray(np.stack([rng.permutation(e)[:k] for _ in range(n)]), jnp.int32)
+    x, g = (jnp.asarray(rng.standard_normal((n, d)), jnp.float32) for _ in range(2))
+    gates = jnp.asarray(rng.random((n, k)), jnp.float32)
+    w = tuple(jnp.asarray(rng.standard_normal(s) * 0.5, jnp.float32)
+              for s in ((e, d, f), (e, d, f), (e, f, d)))
+    combine = jnp.sum(jax.nn.one_hot(idx, e) * gates[..., None], axis=1)
+    assert sorted_layout(idx.reshape(-1), e, block_rows(n * k, e))[3] < 4 * block_rows(n * k, e)
+
+    def dense(x, w):
+        h = nn.silu(jnp.einsum("nd,edf->enf", x, w[0])) * jnp.einsum("nd,edf->enf", x, w[1])
+        return jnp.sum(jnp.einsum("enf,efd,ne->nd", h, w[2], combine) * g)
+
+    def dropless(x, w):
+        return jnp.sum(dropless_combine(x, idx, gates, w) * g)
+
+    ref = jit(jax.value_and_grad(dense, argnums=(0, 1)))(x, w)
+    got = jit(jax.value_and_grad(dropless, argnums=(0, 1)))(x, w)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def _moe_loss(cfg, mesh=None):
     def loss(variables, x):
-        y, _ = MoE(cfg).apply(variables, x)
+        y, _ = MoE(cfg, mesh=mesh).apply(variables, x)
         return jnp.sum(jnp.sin(y)), y
 
     return jax.value_and_grad(loss, has_aux=True)
@@ -279,17 +314,17 @@ def test_expert_parallel_all_to_all_equals_one_device(mesh_shape, fill, jit):
     bias = np.random.default_rng(9).normal(0, 0.3, 8)  # skewed loads across devices
     variables = variables | {"router_bias": {"bias": jnp.asarray(bias, jnp.float32)}}
     x = jnp.asarray(np.random.default_rng(10).standard_normal((8, 6, D)), jnp.float32)
-    grad_fn = _moe_loss(cfg)
-    ref = jit(grad_fn)(variables, x)
+    ref = jit(_moe_loss(cfg))(variables, x)
     mesh = make_mesh(mesh_shape)
     shardings = logical_to_sharding(nn.get_partition_spec(variables), mesh)
     params = jax.device_put(nn.unbox(variables), shardings)
     xs = jax.device_put(x, batch_sharding(mesh, 3))
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        f = jit(grad_fn)
+        f = jit(_moe_loss(cfg, mesh))  # the mesh is passed: the expert-parallel path
         hlo = f.lower(params, xs).as_text()
         got = f(params, xs)
-    assert "all_to_all" in hlo
+        no_mesh = jit(_moe_loss(cfg)).lower(params, xs).as_text()
+    assert "all_to_all" in hlo and "all_to_all" not in no_mesh
     w = params["params"]["experts"]["w_gate"]
     assert w.addressable_shards[0].data.shape[0] == 8 // mesh.shape["expert"]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):

@@ -66,10 +66,15 @@ def test_sharded_forward_equals_single_device(cfg, mesh_shape, split_params, mak
     with nn.logical_axis_rules(LOGICAL_RULES):
         shardings = logical_to_sharding(nn.get_partition_spec(variables), mesh)
         params = jax.device_put(nn.unbox(variables), shardings)
+    sharded = model.clone(mesh=mesh)  # as the trainer builds it: Transformer(cfg, mesh=mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
         in_batch = batch_sharding(mesh)
-        apply = jit(lambda v, t: model.apply(v, t), in_shardings=(shardings, in_batch))
-        logits, aux = apply(params, jax.device_put(tokens, in_batch))
+        apply = jit(lambda v, t: sharded.apply(v, t), in_shardings=(shardings, in_batch))
+        tokens_sharded = jax.device_put(tokens, in_batch)
+        hlo = apply.lower(params, tokens_sharded).as_text()
+        logits, aux = apply(params, tokens_sharded)
+    # Dropless MoE over an expert axis runs expert-parallel (all_to_all in shard_map).
+    assert ("all_to_all" in hlo) == (cfg.moe_dispatch == "dropless" and cfg.is_moe)
 
     # The parameters named above are really split over the expected mesh axes.
     flat = {tuple(k.key for k in path): s for path, s in jax.tree_util.tree_leaves_with_path(

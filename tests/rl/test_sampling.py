@@ -1,15 +1,19 @@
 """rl.sampling: greedy == argmax over the full (non-cached) forward recomputed each step,
 sampler log-probs == the training forward's (MHA and MLA+MoE), top-k / top-p never emit an
-excluded token, the while loop stops as soon as every row has stopped, generate_text."""
+excluded token, the while loop stops as soon as every row has stopped, expert-parallel MoE
+sampling (a model given a mesh) == single-program sampling, generate_text."""
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P_
 
-from model import ModelConfig
+from model import LOGICAL_RULES, ModelConfig, make_mesh
 from rl.generate import generate_text
 from rl.sampling import completion_logp, filter_logits, sample, sample_token
 from train.data import ByteTokenizer
@@ -115,6 +119,31 @@ def test_sampler_logp_equals_training_forward(tiny, jit, name):
     assert np.all(np.asarray(out["logp"])[mask == 1] < 0)
     # Many distinct tokens were drawn (it samples, it does not collapse to argmax).
     assert len(np.unique(np.asarray(out["completion"]))) > N
+
+
+def test_expert_parallel_sampling_equals_single_program(tiny, jit):
+    """A model given a mesh (`model.clone(mesh=mesh)`, i.e. `Transformer(cfg, mesh=mesh)`)
+    runs the dropless MoE expert-parallel (`all_to_all` in `shard_map`) in the prefill and
+    in every decode step (4 rows: the expert axis divides every forward's tokens), and
+    samples what the model without a mesh samples."""
+    model, variables = tiny(MLA_MOE.replace(moe_dispatch="dropless"))
+    mesh = make_mesh({"expert": 2}, jax.devices()[:2])
+    prompts = jnp.concatenate([_prompts(), _prompts(seed=7)[:1]])
+    lens = jnp.asarray([5, 8, 2, 6], jnp.int32)
+
+    def run(m):
+        return jit(lambda v, p, n: sample(m, v, p, n, jax.random.key(0), max_new_tokens=N,
+                                          greedy=True))
+
+    ref = run(model)(variables, prompts, lens)
+    args = jax.device_put((variables, prompts, lens), NamedSharding(mesh, P_()))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        f = run(model.clone(mesh=mesh))
+        assert "all_to_all" in f.lower(*args).as_text()
+        out = f(*args)
+    np.testing.assert_array_equal(np.asarray(out["completion"]), np.asarray(ref["completion"]))
+    np.testing.assert_allclose(np.asarray(out["logp_model"]), np.asarray(ref["logp_model"]),
+                               atol=1e-5)
 
 
 def test_stop_tokens_and_early_exit(tiny, jit):
