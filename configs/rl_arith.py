@@ -11,35 +11,24 @@ from configs import rl_base
 
 
 def get_config():
-    c = rl_base.get_config()
+    c = rl_base.get_config()  # task addition, loss grpo, groups of 8
     c.workdir = "runs/rl_arith"
     c.model.update(
         dict(
             vocab_size=272,  # bytes + EOS (256), padded
-            d_model=128,
-            n_layers=2,
-            n_heads=4,
             ffn_dim=384,
             max_seq_len=16,  # prompt "99+99=" (6) + up to 3 digits + EOS
-            attention="mha",
         )
     )
-    c.rl.task = "addition"
     c.rl.tasks.addition.update(dict(min_digits=2, max_digits=2))  # 10..99 + 10..99
-    c.rl.loss = "grpo"
     c.rl.n_prompts = 32
-    c.rl.group_size = 8
-    c.rl.temperature = 1.0
     c.rl.updates_per_batch = 2
     # Supervised warm-up: stopped early in its climb out of a ~10% plateau, as soon as
     # the greedy accuracy on training prompts reaches 25% (supervised training run on to
     # ~1500 steps reaches ~100%), so that RL has headroom.
     c.rl.warmup_steps = 2000
     c.rl.warmup_target_accuracy = 0.25
-    c.rl.warmup_batch_size = 64
-    c.rl.warmup_lr = 3e-3
     c.rl.warmup_schedule = "constant"
-    c.rl.eval_every = 25
     c.rl.eval_prompts = 512  # of the ~810 held-out problems
     # RL: a fresh Adam's first updates are ~lr * sign(g) on every weight, so keep lr low
     # and ramp it (lr=1e-3 without a ramp drops a 100%-accurate model to ~35% in one step).

@@ -3,11 +3,12 @@
     python -m train --config configs/rl_arith.py      # (or python -m rl --config ...)
 
 `train.steps` counts RL steps; `optim` is the RL optimizer (its schedule runs over
-steps x updates_per_batch x minibatches optimizer updates when `total_steps=-1`);
+steps x updates_per_batch x minibatches optimizer updates when `total_steps` is None);
 `checkpoint`, `mesh`, `train.log_every` and `train.progress` work as in pretraining.
 """
 
 from ml_collections import ConfigDict
+from ml_collections.config_dict import placeholder
 
 from configs import base
 
@@ -35,20 +36,22 @@ def get_config() -> ConfigDict:
             loss="grpo",  # grpo | dr_grpo | dapo | gspo | gspo_token | gmpo
             n_prompts=16,
             group_size=8,  # G completions per prompt
-            max_new_tokens=0,  # 0 -> the task's min_new_tokens (longest answer + EOS)
+            max_new_tokens=placeholder(int),  # None -> the task's min_new_tokens (longest answer + EOS)
             temperature=1.0,  # the policy is softmax(logits / T), see rl/step.py
             top_k=0,
             top_p=1.0,
             updates_per_batch=1,  # mu
             minibatches=1,
-            eps_lo=-1.0,  # PPO clip range; < 0 -> the loss's default (e.g. DAPO 0.2/0.28)
-            eps_hi=-1.0,
+            eps_lo=placeholder(float),  # PPO clip range; None -> the loss's default (DAPO 0.2/0.28)
+            eps_hi=placeholder(float),
             beta=0.0,  # k3 KL to the frozen initial policy (kept in the state when > 0)
             tis=False,  # truncated importance sampling vs the sampler's log-probs
             tis_cap=2.0,
-            dynamic_sampling="auto",  # auto (on for dapo) | on | off
-            overlong_cache_len=-1,  # DAPO soft overlong interval; -1 -> N//4 for dapo, else 0
-            adv_std="auto",  # divide advantages by the group std: auto (off for dr_grpo) | on | off
+            dynamic_sampling=placeholder(bool),  # None: on for dapo, else off | True | False
+            # DAPO soft overlong interval; None -> max(N // 4, 1) for dapo, else 0
+            overlong_cache_len=placeholder(int),
+            # divide advantages by the group std; None: off for dr_grpo, else on | True | False
+            adv_std=placeholder(bool),
             holdout_modulus=10,  # 1/m of prompts are eval-only (0: no split)
             eval_every=25,  # greedy held-out accuracy every this many steps (0: only at the end)
             eval_prompts=256,
@@ -57,7 +60,7 @@ def get_config() -> ConfigDict:
             warmup_steps=0,  # supervised warm-up on task demonstrations before RL
             warmup_batch_size=64,
             warmup_lr=3e-3,  # warm-up optimizer: config.optim with this LR and schedule
-            warmup_schedule="warmup_cosine",  # warmup_cosine | constant | warmup_stable_decay
+            warmup_schedule="warmup_cosine",  # warmup_cosine | wsd | constant
             warmup_target_accuracy=0.0,  # > 0: stop the warm-up once greedy accuracy on
             # fixed training-split prompts reaches this (checked every eval_every steps)
         )

@@ -10,26 +10,16 @@ import jax
 Path = tuple[str, ...]
 
 
-def key_name(key: Any) -> str:
-    """The name of one pytree key entry (dict key, attribute, or sequence index)."""
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
-
-
 def path_names(key_path: Sequence[Any]) -> Path:
     """A JAX key path as a tuple of names, e.g. `('layers_0', 'attn', 'q_proj', 'kernel')`.
 
-    A trailing `.value` attribute (flax `nn.Partitioned` boxes) is dropped so boxed and
-    unboxed parameter trees get the same names.
+    Each entry is named by `jax.tree_util.keystr((key,), simple=True)` (a dict key, an
+    attribute name, a sequence index). A trailing `.value` attribute (flax `nn.Partitioned`
+    boxes) is dropped so boxed and unboxed parameter trees get the same names. This is the
+    one key-path-to-names helper; `join(path_names(kp))` is
+    `jax.tree_util.keystr(kp, simple=True, separator='/')` but for that `.value`.
     """
-    names = tuple(key_name(k) for k in key_path)
+    names = tuple(jax.tree_util.keystr((k,), simple=True) for k in key_path)
     if key_path and isinstance(key_path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
         names = names[:-1]
     return names

@@ -33,42 +33,47 @@ if TYPE_CHECKING:
     import ml_collections
 
 OPTIMIZERS: tuple[str, ...] = ("adamw", "muon")
-SCHEDULES: tuple[str, ...] = ("warmup_cosine", "warmup_stable_decay", "constant")
+SCHEDULES: tuple[str, ...] = ("warmup_cosine", "wsd", "constant")
+#: Other accepted names of a schedule.
+SCHEDULE_ALIASES: dict[str, str] = {"warmup_stable_decay": "wsd"}
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The `optim` section of a training config, with its defaults.
+    """The `optim` section of a training config, with its defaults (`configs/base.py` uses it).
 
-    `total_steps=-1` is filled in by the trainer; `muon.lr=-1` / `muon.weight_decay=-1`
-    mean "use `optim.lr` / `optim.weight_decay`"; `labels` is a sequence of
-    `(regex, label)` overrides for `optim.label_params`; `wsd` configures
-    `schedule='warmup_stable_decay'`; `qk_clip` is read by the trainer.
+    `None` means "derived": `total_steps` is filled in by the trainer (`train.steps`
+    optimizer steps); `muon.lr` / `muon.weight_decay` default to `lr` / `weight_decay`. They
+    are `ml_collections` placeholders, so `--config.optim.total_steps=100` still parses (as
+    an int). `labels` is a sequence of `(regex, label)` overrides for `optim.label_params`;
+    `wsd` configures `schedule='wsd'`; `qk_clip` is read by the trainer.
     """
     import ml_collections
+    from ml_collections.config_dict import placeholder
 
     return ml_collections.ConfigDict(
         dict(
-            name="adamw",
+            name="adamw",  # adamw | muon
             lr=3e-3,
-            schedule="warmup_cosine",
+            schedule="warmup_cosine",  # warmup_cosine | wsd | constant
             warmup_steps=20,
-            total_steps=-1,
-            min_lr_frac=0.1,
+            total_steps=placeholder(int),  # None -> train.steps (set by the trainer)
+            min_lr_frac=0.1,  # final LR / peak LR (warmup_cosine, wsd)
             b1=0.9,
             b2=0.95,
             eps=1e-8,
             weight_decay=0.1,
-            clip_norm=1.0,
+            clip_norm=1.0,  # global gradient-norm clip (0: off)
             muon=dict(
                 beta=0.95,
                 nesterov=True,
                 ns_steps=5,
                 update_scale="moonlight",
-                lr=-1.0,
-                weight_decay=-1.0,
+                lr=placeholder(float),  # None -> optim.lr
+                weight_decay=placeholder(float),  # None -> optim.weight_decay
             ),
-            wsd=dict(decay_frac=0.2, decay="linear"),
+            wsd=dict(decay_frac=0.2, decay="linear"),  # decay: linear | sqrt | cosine
             labels=(),
+            # Filled in by the trainer from config.model.mup_base_d_model (muP on the model side).
             mup=dict(enabled=False, width_multiplier=1.0),
             qk_clip=dict(enabled=False, tau=100.0),
         )
@@ -82,21 +87,25 @@ def _sub(config: Any, key: str) -> Any:
 def build_schedule(config: Any, peak: float | None = None) -> optax.Schedule:
     """The LR schedule of `config` (an `optim` section), peaking at `peak` (default `lr`).
 
+    `schedule` is one of :data:`SCHEDULES` (or an alias in :data:`SCHEDULE_ALIASES`).
     Raises a ValueError naming the offending key for an unknown `optim.schedule` or an
-    unset / too small `optim.total_steps`.
+    unset (None) / too small `optim.total_steps`.
     """
     peak = float(config.lr if peak is None else peak)
     warmup = int(config.warmup_steps)
-    total = int(config.total_steps)
-    name = config.schedule
+    name = SCHEDULE_ALIASES.get(config.schedule, config.schedule)
     if name == "constant":
         return constant(peak, warmup)
     if name not in SCHEDULES:
-        raise ValueError(f"optim.schedule={name!r} is not one of {SCHEDULES}")
-    if total <= warmup:
+        raise ValueError(
+            f"optim.schedule={config.schedule!r} is not one of {SCHEDULES} "
+            f"(aliases: {SCHEDULE_ALIASES})"
+        )
+    total = None if config.total_steps is None else int(config.total_steps)
+    if total is None or total <= warmup:
         raise ValueError(
             f"optim.total_steps={total} must be set and exceed optim.warmup_steps={warmup} "
-            f"for optim.schedule={name!r}"
+            f"for optim.schedule={config.schedule!r}"
         )
     if name == "warmup_cosine":
         return warmup_cosine(peak, warmup, total, float(config.min_lr_frac))
@@ -135,7 +144,8 @@ def build(config: Any, params: Any) -> optax.GradientTransformation:
 
     Raises:
       ValueError: unknown `optim.name`, `optim.schedule` or `optim.muon.update_scale`,
-        unset `optim.total_steps`, bad label overrides, or muP with a non-spectral Muon.
+        unset `optim.total_steps`, a negative `optim.muon.lr` / `weight_decay`, bad
+        label overrides, or muP with a non-spectral Muon.
 
     References:
       Loshchilov & Hutter, `Decoupled Weight Decay Regularization
@@ -175,10 +185,14 @@ def build(config: Any, params: Any) -> optax.GradientTransformation:
                 f"optim.mup.enabled with optim.name='muon' needs optim.muon.update_scale="
                 f"'spectral' (width-independent Muon LR), got {mc.update_scale!r}"
             )
-        muon_lr = float(mc.lr) if float(mc.lr) > 0 else float(config.lr)
-        muon_wd = float(mc.weight_decay) if float(mc.weight_decay) >= 0 else float(
-            config.weight_decay
-        )
+        for key in ("lr", "weight_decay"):
+            value = getattr(mc, key)
+            if value is not None and float(value) < 0:
+                raise ValueError(
+                    f"optim.muon.{key}={value} must be >= 0 (None: optim.{key}, the AdamW one)"
+                )
+        muon_lr = float(config.lr if mc.lr is None else mc.lr)
+        muon_wd = float(config.weight_decay if mc.weight_decay is None else mc.weight_decay)
         transforms["muon"] = muon(
             build_schedule(config, peak=muon_lr),
             beta=float(mc.beta),

@@ -23,10 +23,6 @@ def _check_steps(warmup: int, total: int | None, what: str) -> None:
         raise ValueError(f"{what}: total steps ({total}) must exceed the warmup steps ({warmup})")
 
 
-def _warmup(peak: float, warmup: int, step: jax.Array) -> jax.Array:
-    return peak * step / max(warmup, 1)
-
-
 def warmup_cosine(
     peak: float, warmup: int, total: int, end_value_frac: float = 0.1
 ) -> optax.Schedule:
@@ -37,8 +33,8 @@ def warmup_cosine(
       \eta(t) = \eta_{end} + (\eta_{pk} - \eta_{end})\,
         \tfrac12\left(1 + \cos\left(\pi \min\left(1, \tfrac{t - T_w}{T - T_w}\right)\right)\right),
 
-    constant at :math:`\eta_{end}` after `total` (the same as
-    `optax.warmup_cosine_decay_schedule(0, peak, warmup, total, end_value)`).
+    constant at :math:`\eta_{end}` after `total`: this is
+    `optax.warmup_cosine_decay_schedule(0, peak, warmup, total, end_value)`.
 
     Args:
       peak: peak learning rate.
@@ -54,13 +50,15 @@ def warmup_cosine(
       <https://arxiv.org/abs/1608.03983>`_, 2017
     """
     _check_steps(warmup, total, "warmup_cosine")
-    end = peak * end_value_frac
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, peak * end_value_frac)
+
+
+def _one_minus_sqrt_decay(peak: float, end: float, steps: int) -> optax.Schedule:
+    """`end + (peak - end) (1 - sqrt(min(1, t / steps)))` (optax has no such decay)."""
 
     def schedule(step: jax.typing.ArrayLike) -> jax.Array:
-        t = jnp.asarray(step, jnp.float32)
-        progress = jnp.clip((t - warmup) / (total - warmup), 0.0, 1.0)
-        decayed = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        return jnp.where(t < warmup, _warmup(peak, warmup, t), decayed)
+        p = jnp.clip(jnp.asarray(step, jnp.float32) / steps, 0.0, 1.0)
+        return end + (peak - end) * (1.0 - jnp.sqrt(p))
 
     return schedule
 
@@ -84,7 +82,9 @@ def warmup_stable_decay(
       \tfrac12(1 + \cos \pi p) \ (\text{cosine}),
 
     preceded by :math:`\eta_{pk} t / T_w` for :math:`t < T_w` and :math:`\eta_{pk}` on
-    :math:`[T_w, T_s)`.
+    :math:`[T_w, T_s)`: an `optax.join_schedules` of `optax.linear_schedule` (warmup),
+    `optax.constant_schedule` and the decay (`optax.linear_schedule`,
+    `optax.cosine_decay_schedule`, or 1 - sqrt, which optax lacks).
 
     Args:
       peak: peak learning rate.
@@ -117,25 +117,24 @@ def warmup_stable_decay(
             f"warmup ({warmup} steps)"
         )
     end = peak * end_value_frac
-
-    def schedule(step: jax.typing.ArrayLike) -> jax.Array:
-        t = jnp.asarray(step, jnp.float32)
-        p = jnp.clip((t - decay_start) / max(decay_steps, 1), 0.0, 1.0)
-        if decay == "linear":
-            f = 1.0 - p
-        elif decay == "sqrt":
-            f = 1.0 - jnp.sqrt(p)
-        else:
-            f = 0.5 * (1.0 + jnp.cos(jnp.pi * p))
-        decayed = end + (peak - end) * f
-        stable = jnp.where(t < decay_start, peak, decayed)
-        return jnp.where(t < warmup, _warmup(peak, warmup, t), stable)
-
-    return schedule
+    steps = max(decay_steps, 1)  # decay_frac=0: the LR drops to `end` after `total`
+    if decay == "linear":
+        tail = optax.linear_schedule(peak, end, steps)
+    elif decay == "cosine":
+        tail = optax.cosine_decay_schedule(peak, steps, alpha=end_value_frac)
+    else:
+        tail = _one_minus_sqrt_decay(peak, end, steps)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak), tail],
+        [warmup, decay_start],
+    )
 
 
 def constant(peak: float, warmup: int = 0) -> optax.Schedule:
     r"""Linear warmup to `peak` over `warmup` steps, then constant :math:`\eta_{pk}`.
+
+    `optax.warmup_constant_schedule(0, peak, warmup)` (`optax.constant_schedule(peak)` when
+    `warmup=0`, where optax's warmup would stay at 0).
 
     Args:
       peak: the learning rate.
@@ -148,12 +147,9 @@ def constant(peak: float, warmup: int = 0) -> optax.Schedule:
       Goyal et al., `Accurate, Large Minibatch SGD <https://arxiv.org/abs/1706.02677>`_, 2017
     """
     _check_steps(warmup, None, "constant")
-
-    def schedule(step: jax.typing.ArrayLike) -> jax.Array:
-        t = jnp.asarray(step, jnp.float32)
-        return jnp.where(t < warmup, _warmup(peak, warmup, t), jnp.float32(peak))
-
-    return schedule
+    if warmup == 0:
+        return optax.constant_schedule(peak)
+    return optax.warmup_constant_schedule(0.0, peak, warmup)
 
 
 def average_checkpoints(trees: Sequence[Any]) -> Any:

@@ -22,9 +22,9 @@ tokenized once at start, the whole corpus in threaded batches, not lazily per do
 as one uint16 array (int32 for vocabularies over 65536). With a tokenizer file,
 `cache_dir` keeps the tokenized corpus on disk (keyed by the tokenizer and the files'
 sizes and mtimes), so a restart does not tokenize again. Token
-sources (bin, arrayrecord tokens) use the tokens as they are: `vocab_size` (0 -> the
+sources (bin, arrayrecord tokens) use the tokens as they are: `vocab_size` (None -> the
 tokenizer file's vocabulary, else max token + 1; a larger token is an error) and `eos_id`
-(-1 -> the tokenizer file's EOS, else none: documents end only at file/record ends); a
+(None -> the tokenizer file's EOS, else none: documents end only at file/record ends); a
 `tokenizer` file there only serves these defaults and `DataPipeline.tokenizer` (which is
 None with the "byte" default).
 
@@ -199,7 +199,7 @@ class Corpus:
     train: Documents
     eval: Documents
     vocab_size: int
-    eos_id: int
+    eos_id: int  # -1: none (a token source without EOS: documents end at file/record ends)
     tokenizer: Tokenizer | None
 
 
@@ -327,9 +327,15 @@ def _token_corpus(data_cfg, source: str, permille: int) -> Corpus:
     tok = None if str(data_cfg.tokenizer) == "byte" else make_tokenizer(
         data_cfg.tokenizer, str(data_cfg.get("eos_token", ""))
     )
-    eos = int(data_cfg.eos_id)
-    if eos < 0 and tok is not None:
-        eos = tok.eos_id
+    eos_id, vocab_size = data_cfg.eos_id, data_cfg.vocab_size
+    if eos_id is not None and int(eos_id) < 0:
+        raise UserError(f"config.data.eos_id={eos_id} must be >= 0 (None: the tokenizer "
+                        "file's EOS, else no EOS)")
+    if vocab_size is not None and int(vocab_size) < 1:
+        raise UserError(f"config.data.vocab_size={vocab_size} must be >= 1 (None: the "
+                        "tokenizer file's vocabulary, else max token + 1)")
+    # eos = -1: no EOS token (documents end only at file/record ends).
+    eos = int(eos_id) if eos_id is not None else (tok.eos_id if tok is not None else -1)
     # shards: token arrays; ends: extra document ends inside a shard (record ends).
     shards: list[np.ndarray] = []
     ends: list[np.ndarray] = []
@@ -348,8 +354,9 @@ def _token_corpus(data_cfg, source: str, permille: int) -> Corpus:
             ends.append(np.array([len(arr)], np.int64))
         shards.append(arr)
     max_tok, eos_pos = _scan(shards, eos)
-    vocab = int(data_cfg.vocab_size)
-    if vocab <= 0:
+    if vocab_size is not None:
+        vocab = int(vocab_size)
+    else:
         vocab = tok.vocab_size if tok is not None else max(max_tok, eos) + 1
     if max_tok >= vocab or eos >= vocab:
         raise UserError(

@@ -13,9 +13,9 @@ from configs.scaling import common
 
 def get_config():
     c = common.get_config("moe_balancing")
-    c.model.update(dict(n_routed_experts=8, n_shared_experts=0, top_k=2, moe_ffn_dim=128,
-                        first_k_dense=0, capacity_factor=4.0, router_score="sigmoid"))
-    c.train.update(dict(steps=300, log_every=5))
+    # top_k=2, the sigmoid router, no shared expert and no dense layer are the defaults.
+    c.model.update(dict(n_routed_experts=8, moe_ffn_dim=128, capacity_factor=4.0))
+    c.train.steps = 300
     c.sweep.grid = common.grid({
         # (bias update rate u, aux-loss alpha)
         "model.bias_update_rate,model.aux_loss_alpha": [

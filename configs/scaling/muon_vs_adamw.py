@@ -13,7 +13,7 @@ from configs.scaling import common
 
 def get_config():
     c = common.get_config("muon_vs_adamw")
-    c.train.update(dict(steps=300, eval_every=15, eval_batches=4))
+    c.train.update(dict(steps=300, eval_every=15))
     c.sweep.grid = common.grid({
         "optim.name": ["adamw", "muon"],
         "optim.lr": [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2],

@@ -11,7 +11,7 @@ def get_config():
     c = common.get_config("qk_clip")
     c.optim.update(dict(name="muon", lr=3e-2))
     c.optim.qk_clip.tau = 30.0
-    c.train.update(dict(steps=200, log_every=2))
+    c.train.log_every = 2
     c.sweep.grid = common.grid({"optim.qk_clip.enabled": [False, True]})
     c.sweep.plot = dict(
         kind="curves", series="optim.qk_clip.enabled", metrics=("max_logit", "loss"),

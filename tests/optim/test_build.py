@@ -34,7 +34,14 @@ def _decayed(path):
 
 def test_default_config_keys():
     cfg = optim.default_config()
-    assert cfg.name == "adamw" and cfg.total_steps == -1 and cfg.muon.lr == -1
+    assert cfg.name == "adamw" and cfg.total_steps is None
+    assert cfg.muon.lr is None and cfg.muon.weight_decay is None
+    assert '"total_steps": null' in cfg.to_json()
+    # None defaults are typed placeholders: an override gets (and is checked against) the type.
+    cfg.total_steps, cfg.muon.lr = 100, 1
+    assert (cfg.total_steps, cfg.muon.lr) == (100, 1.0) and isinstance(cfg.muon.lr, float)
+    with pytest.raises(TypeError, match="total_steps"):
+        cfg.total_steps = "100"
     assert set(cfg.mup) == {"enabled", "width_multiplier"}
     assert set(cfg.qk_clip) == {"enabled", "tau"}
     with pytest.raises(AttributeError):
@@ -85,6 +92,40 @@ def test_muon_partition(which, request):
                 {"x": g[path]}, optax.adam(1e-2).init(leaf), leaf)
         np.testing.assert_allclose(got[path], want["x"], rtol=1e-5, atol=1e-7, err_msg=path)
     assert {"muon", "adam", "none"} == set(labels.values())
+
+
+def test_muon_lr_and_weight_decay_default_to_adamw_values(plain):
+    params = _random_like(plain, 11)
+    grads = _random_like(params, 12)
+    leaf = "layers_0/mlp/up_proj/kernel"
+    assert _flat(optim.label_params(params))[leaf] == "muon"
+    cfg = _config(name="muon", schedule="constant", warmup_steps=0, clip_norm=0.0, lr=1e-2,
+                  weight_decay=0.3)
+    for lr, wd, want_lr, want_wd in ((None, None, 1e-2, 0.3), (2e-2, 0.0, 2e-2, 0.0)):
+        cfg.muon.lr, cfg.muon.weight_decay = lr, wd
+        tx = optim.build(cfg, params)
+        got = _flat(tx.update(grads, tx.init(params), params)[0])[leaf]
+        ref = optim.muon(want_lr, weight_decay=want_wd, update_scale="moonlight")
+        x = {"x": _flat(params)[leaf]}
+        want, _ = ref.update({"x": _flat(grads)[leaf]}, ref.init(x), x)
+        np.testing.assert_allclose(got, want["x"], rtol=1e-5, atol=1e-7)
+    for key in ("lr", "weight_decay"):
+        bad = _config(name="muon")
+        bad.muon[key] = -1.0
+        with pytest.raises(ValueError, match=f"optim.muon.{key}=-1.0"):
+            optim.build(bad, plain)
+
+
+@pytest.mark.parametrize("name", ["wsd", "warmup_stable_decay"])
+def test_wsd_schedule_by_name_and_alias(name):
+    cfg = _config(schedule=name, warmup_steps=10, total_steps=100, lr=2.0, min_lr_frac=0.0)
+    cfg.wsd.update(dict(decay_frac=0.2, decay="linear"))
+    sched = optim.build_schedule(cfg)
+    # warmup 0..10, stable at 2.0 until 80, linear decay to 0 at 100.
+    got = [float(sched(t)) for t in (0, 5, 10, 79, 80, 90, 100)]
+    np.testing.assert_allclose(got, [0.0, 1.0, 2.0, 2.0, 2.0, 1.0, 0.0], atol=1e-6)
+    with pytest.raises(ValueError, match="'wsd'"):
+        optim.build_schedule(_config(schedule="stable_decay"))
 
 
 def test_global_norm_clipping_comes_first(plain):

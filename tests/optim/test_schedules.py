@@ -1,8 +1,7 @@
-"""Schedules against hand-computed values and optax; checkpoint averaging."""
+"""Schedules against hand-computed values (numpy formulas); checkpoint averaging."""
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import optim
@@ -12,15 +11,35 @@ def _at(schedule, steps):
     return np.array([float(schedule(s)) for s in steps])
 
 
-def test_warmup_cosine_hand_values_and_optax():
+def _ref_warmup_cosine(peak, warmup, total, end_frac, t):
+    """The formula of the docstring, in numpy float64 (independent of optax)."""
+    t = np.asarray(t, np.float64)
+    end = peak * end_frac
+    progress = np.clip((t - warmup) / (total - warmup), 0.0, 1.0)
+    decayed = end + (peak - end) * 0.5 * (1.0 + np.cos(np.pi * progress))
+    return np.where(t < warmup, peak * t / max(warmup, 1), decayed)
+
+
+def _ref_wsd(peak, warmup, total, decay_frac, decay, end_frac, t):
+    t = np.asarray(t, np.float64)
+    d = int(round(decay_frac * total))
+    start, end = total - d, peak * end_frac
+    p = np.clip((t - start) / max(d, 1), 0.0, 1.0)
+    f = {"linear": 1 - p, "sqrt": 1 - np.sqrt(p), "cosine": 0.5 * (1 + np.cos(np.pi * p))}[decay]
+    stable = np.where(t < start, peak, end + (peak - end) * f)
+    return np.where(t < warmup, peak * t / max(warmup, 1), stable)
+
+
+def test_warmup_cosine_hand_values():
     sched = optim.warmup_cosine(1.0, 10, 110, end_value_frac=0.1)
     np.testing.assert_allclose(
         _at(sched, [0, 5, 10, 60, 110, 500]), [0.0, 0.5, 1.0, 0.55, 0.1, 0.1], atol=1e-6
     )
-    ref = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 7, 50, end_value=3e-4)
     steps = np.arange(0, 60)
-    np.testing.assert_allclose(_at(optim.warmup_cosine(3e-3, 7, 50), steps), _at(ref, steps),
-                               rtol=1e-5, atol=1e-9)
+    for warmup in (0, 7):
+        np.testing.assert_allclose(_at(optim.warmup_cosine(3e-3, warmup, 50), steps),
+                                   _ref_warmup_cosine(3e-3, warmup, 50, 0.1, steps),
+                                   rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -37,6 +56,12 @@ def test_warmup_stable_decay_hand_values(decay, mid):
     assert float(sched(85)) == pytest.approx(2.0 * quarter, rel=1e-5)
     end = optim.warmup_stable_decay(2.0, 10, 100, decay=decay, end_value_frac=0.1)
     assert float(end(100)) == pytest.approx(0.2)
+    steps = np.arange(0, 130)
+    for warmup, total, frac in ((10, 100, 0.2), (0, 50, 0.3), (7, 40, 0.0), (5, 20, 0.75)):
+        np.testing.assert_allclose(
+            _at(optim.warmup_stable_decay(3e-3, warmup, total, frac, decay, 0.1), steps),
+            _ref_wsd(3e-3, warmup, total, frac, decay, 0.1, steps), rtol=1e-5, atol=1e-9,
+            err_msg=f"{warmup=} {total=} {frac=}")
 
 
 def test_constant_and_errors():

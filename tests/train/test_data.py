@@ -461,6 +461,10 @@ def _error_cases(tmp: pathlib.Path, hf: pathlib.Path):
                          ["odd.bin", "config.data.dtype"]),
         "vocab too small": (dict(source="bin", paths=(str(tmp / "ok.bin"),), vocab_size=2),
                             ["config.data.vocab_size"]),
+        "zero vocab": (dict(source="bin", paths=(str(tmp / "ok.bin"),), vocab_size=0),
+                       ["config.data.vocab_size=0", "None"]),
+        "negative eos": (dict(source="bin", paths=(str(tmp / "ok.bin"),), eos_id=-1),
+                         ["config.data.eos_id=-1", "None"]),
         "missing tokenizer": (dict(tokenizer=str(tmp / "tok.json")),
                               ["config.data.tokenizer", "tok.json"]),
         "bad tokenizer file": (dict(tokenizer=str(tmp / "bad.json")), ["bad.json"]),
@@ -479,8 +483,8 @@ def _error_cases(tmp: pathlib.Path, hf: pathlib.Path):
 
 ERROR_CASES = [
     "missing path", "empty glob", "empty dir", "no paths", "bad source", "bad dtype",
-    "odd bin size", "vocab too small", "missing tokenizer", "bad tokenizer file",
-    "unknown tokenizer kind", "eos not in vocab", "tokenizer without eos",
+    "odd bin size", "vocab too small", "zero vocab", "negative eos", "missing tokenizer",
+    "bad tokenizer file", "unknown tokenizer kind", "eos not in vocab", "tokenizer without eos",
     "empty arrayrecord", "bad record format",
 ]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -10,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import base, tiny
+from configs import tiny
 from model import ModelConfig
 from train.errors import UserError
 from train.loop import run
@@ -33,15 +32,6 @@ def small_config(workdir: str, steps: int = 16):
 def read_metrics(workdir) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
-
-
-def test_base_config_mirrors_model_config():
-    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    model = base.get_config().model.to_dict()
-    assert set(model) == set(fields)
-    for k, v in fields.items():
-        if k != "vocab_size":
-            assert model[k] == v, k
 
 
 def test_run_writes_outputs_and_learns(tmp_path):
@@ -132,12 +122,6 @@ def test_restore_onto_another_mesh_and_bad_checkpoints(tmp_path):
     with pytest.raises(UserError, match="cannot restore"):
         run(small_config(a, steps=16))
     assert sorted(os.listdir(a / "checkpoints")) == before
-
-
-def test_base_optim_config_mirrors_optim_defaults():
-    import optim
-
-    assert set(base.get_config().optim.to_dict()) == set(optim.default_config().to_dict())
 
 
 def test_init_from_imported_checkpoint(tmp_path):
