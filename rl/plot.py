@@ -11,39 +11,40 @@ import argparse
 import json
 import os
 
+from train.cli import user_errors
+from train.errors import UserError
+from train.metrics import read_metrics
 
-def read_metrics(workdir: str) -> list[dict]:
-    """The rows of `workdir/metrics.jsonl` (lines cut short by a kill are skipped),
+
+def _by_step(workdir: str) -> list[dict]:
+    """The rows of `workdir/metrics.jsonl` (`train.metrics.read_metrics`) merged per step,
     sorted by step, the last row of a step winning."""
     rows: dict[int, dict] = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            rows[int(r["step"])] = {**rows.get(int(r["step"]), {}), **r}
+    for r in read_metrics(os.path.join(workdir, "metrics.jsonl")):
+        rows[int(r["step"])] = {**rows.get(int(r["step"]), {}), **r}
     return [rows[k] for k in sorted(rows)]
 
 
 def plot(workdir: str, out: str, title: str | None = None) -> dict[str, float]:
     """Writes the PNG; returns the headline numbers (accuracy at the start of RL, at the
-    end, the best, and the final reward mean)."""
+    end, the best, and the final reward mean). Raises `UserError` without a
+    `metrics.jsonl` in `workdir` or an `eval_accuracy` in it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = read_metrics(workdir)
-    wrows = (read_metrics(os.path.join(workdir, "warmup"))
-             if os.path.exists(os.path.join(workdir, "warmup", "metrics.jsonl")) else [])
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        raise UserError(f"{workdir}/metrics.jsonl does not exist")
+    rows = _by_step(workdir)
+    wrows = _by_step(os.path.join(workdir, "warmup"))  # [] without a warm-up
     shift = wrows[-1]["step"] if wrows else 0  # warm-up steps drawn at <= 0
     wl = [(r["step"] - shift, r["eval_accuracy"]) for r in wrows if "eval_accuracy" in r]
     ev = wl + [(r["step"], r["eval_accuracy"]) for r in rows
                if "eval_accuracy" in r and not (wl and r["step"] == 0)]
     rw = [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r]
     if not ev:
-        raise SystemExit(f"no eval_accuracy rows in {workdir}/metrics.jsonl")
+        raise UserError(f"no eval_accuracy rows in {workdir}/metrics.jsonl")
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     if rw:
         ax.plot(*zip(*rw, strict=True), color="tab:orange", alpha=0.45, lw=1,
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--title", default=None)
     args = ap.parse_args(argv)
     out = args.out or os.path.join(args.workdir, "rl_curve.png")
-    print(json.dumps({"png": out, **plot(args.workdir, out, args.title)}))
+    with user_errors():
+        print(json.dumps({"png": out, **plot(args.workdir, out, args.title)}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The sweep runner (grid, resume, shards, CSV and plots, key errors) and the scaling fits."""
+"""The sweep runner (grid, resume, shards, CSV and plots, key errors), its report (the
+scaling fits it shows) and the metrics reader."""
 
 from __future__ import annotations
 
@@ -15,10 +16,11 @@ import pytest
 from ml_collections import ConfigDict
 
 from configs.scaling import common
-from train import scaling, sweep
+from train import report, scaling, sweep
 from train.errors import UserError
 from train.flops import flops_per_token
-from train.loop import model_config
+from train.metrics import read_metrics
+from train.setup import model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPERIMENTS = ("mup_transfer", "muon_vs_adamw", "moe_balancing", "qk_clip", "scaled_embeddings",
@@ -161,7 +163,7 @@ def test_shipped_experiments_resolve(name):
     c = importlib.import_module(f"configs.scaling.{name}").get_config()
     points = sweep.resolve(c)
     assert len(points) >= 2
-    assert c.sweep.plot.kind in sweep.PLOTS
+    assert c.sweep.plot.kind in report.PLOT_KINDS
     assert set(common.get_config("x").sweep) == set(sweep.default_sweep())
 
 
@@ -180,7 +182,7 @@ def test_plots_of_every_kind_from_fake_runs(tmp_path):
     for kind, plot in kinds.items():
         c = tiny_sweep(tmp_path / kind, grids[kind], steps=30, plot=plot)
         c.optim.lr = 1e-6 if kind == "isoflop" else c.optim.lr  # fake loss: width term only
-        sweep.run_sweep(c, run_fn=fake_run(calls))
+        rows = sweep.run_sweep(c, run_fn=fake_run(calls))
         assert os.path.getsize(tmp_path / kind / "t.png") > 1000
         summary = json.loads((tmp_path / kind / "summary.json").read_text())
         if kind == "lr_sweep":
@@ -192,7 +194,58 @@ def test_plots_of_every_kind_from_fake_runs(tmp_path):
         else:
             assert [o["budget"] for o in summary["optima"]] == [1e9, 3e9]
             assert all(o["interior"] for o in summary["optima"])
-            assert "n_opt_law" in summary
+            # The numbers shown are train.scaling.compute_optimal's, C = a budget's mean FLOPs.
+            mean = {b: np.mean([r["flops"] for r in rows if r["sweep.flop_budget"] == b])
+                    for b in (1e9, 3e9)}
+            res = scaling.compute_optimal([mean[r["sweep.flop_budget"]] for r in rows],
+                                          [r["n_matmul"] for r in rows],
+                                          [r["eval_loss"] for r in rows])
+            assert [o["n_opt"] for o in summary["optima"]] == pytest.approx(
+                [o.n_opt for o in res.optima])
+            assert summary["n_opt_law"]["exponent"] == pytest.approx(res.n_opt.exponent)
+            assert summary["loss_law"]["coef"] == pytest.approx(res.loss.coef)
+
+
+def _iso_rows(budget, n_opt, widths, loss_opt=3.0):
+    return [{"sweep.flop_budget": budget, "flops": budget * (1 + 1e-3 * i), "n_matmul": n,
+             "status": "ok", "eval_loss": loss_opt + 0.05 * np.log(n / n_opt) ** 2}
+            for i, n in enumerate(widths)]
+
+
+def test_isoflop_fit_uses_interior_optima_and_keeps_failed_budgets():
+    ns = np.geomspace(1e4, 1e6, 5)
+    rows = (_iso_rows(1e15, 3e4, ns, 3.0) + _iso_rows(1e16, 1e5, ns, 2.8)
+            + _iso_rows(1e17, 1e7, ns, 2.6)  # vertex above the sampled N: not in the laws
+            + _iso_rows(1e18, 1e5, ns[:2]))  # two runs: no parabola
+    rows.append({**rows[0], "status": "diverged", "eval_loss": math.nan})
+    budgets, laws = report.isoflop_fit(rows)
+    assert [g.budget for g in budgets] == [1e15, 1e16, 1e17, 1e18]
+    assert budgets[0].optimum.n_opt == pytest.approx(3e4, rel=1e-6)
+    assert budgets[0].params.size == 5  # the diverged run is left out
+    assert not budgets[2].optimum.interior
+    assert budgets[3].optimum is None and "at least 3" in budgets[3].error
+    use = rows[:10]  # the two interior budgets
+    expect = scaling.compute_optimal(
+        [np.mean([u["flops"] for u in use if u["sweep.flop_budget"] == r["sweep.flop_budget"]])
+         for r in use], [r["n_matmul"] for r in use], [r["eval_loss"] for r in use])
+    assert laws.budgets == pytest.approx(expect.budgets)
+    assert laws.n_opt.exponent == pytest.approx(expect.n_opt.exponent)
+    assert laws.n_opt.exponent == pytest.approx(np.log10(1e5 / 3e4), rel=1e-3)
+
+
+def test_read_metrics_skips_cut_lines(tmp_path):
+    assert read_metrics(tmp_path) == []  # nothing logged yet
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": "nan"}\n{"step": 3, "lo')
+    rows = read_metrics(tmp_path)  # the last line, cut by a kill: skipped silently
+    assert rows == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": "nan"}]
+    assert read_metrics(str(path)) == rows
+    # A resumed run appended after a cut line: that line is skipped, with a warning.
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo{"step": 2, "loss": 1.5}\n'
+                    '\n{"step": 3, "loss": 1.0}\n')
+    with pytest.warns(UserWarning, match="skipped 1 malformed line.*line 2"):
+        rows = read_metrics(path)
+    assert [r["step"] for r in rows] == [1, 3]
 
 
 # ---- fits ----------------------------------------------------------------------------------
