@@ -77,7 +77,7 @@ def load(workdir: str, step: int | None = None) -> tuple[Transformer, dict[str, 
 
     from rl.loop import restore_variables
     from train.errors import UserError
-    from train.loop import model_config
+    from train.setup import model_config
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):

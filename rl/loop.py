@@ -1,9 +1,9 @@
-"""`run(config)`: the whole RL job, top to bottom.
+"""The RL job, `run(config)`, top to bottom.
 
 config -> task -> mesh -> state (resume, or init / `config.init_from` (a `model.hf`
 import, as in pretraining) / `rl.init_from` (a training or RL run's checkpoint), then the
-optional supervised warm-up) -> the jitted `rl_step` in a loop -> logs, greedy held-out
-evaluation and checkpoints.
+optional supervised warm-up) -> the jitted `rl_step`, run by `train.runner.run_steps` ->
+logs, greedy held-out evaluation and checkpoints.
 
 Files under `config.workdir`: `metrics.jsonl` + TensorBoard (`tb/`), `config.json`,
 `checkpoints/` (the `RLState`, step = RL step; step 0 = the policy RL starts from),
@@ -16,20 +16,15 @@ when RL has not started).
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from ml_collections import ConfigDict
-from tqdm.auto import tqdm
 
-import optim
 from model import LOGICAL_RULES, Transformer
 from model.sharding import batch_sharding
 from rl import losses
@@ -44,25 +39,14 @@ from rl.step import (
     train_prompts,
 )
 from rl.tasks import make_task
-from train import distributed
+from train import distributed, setup
 from train.checkpoint import Checkpointer, abstract_like
 from train.errors import UserError
-from train.loop import (
-    build_mesh,
-    drop_metrics_after,
-    global_batch,
-    init_state,
-    load_init_from,
-    model_config,
-    on_preemption,
-    opt_state_shardings,
-    should_stop,
-)
-from train.metrics import MetricWriter, to_python
-from train.qkclip import make_qk_clip_hook
+from train.metrics import MetricWriter, drop_metrics_after, to_python
+from train.runner import Cadence, Job, on_preemption, run_steps, write_final_metrics
 from train.step import StepOptions, TrainState, make_train_step
 
-__all__ = ["latest_checkpoint", "make_options", "make_task_from_config", "restore_variables", "run"]
+__all__ = ["make_options", "make_task_from_config", "restore_variables", "run"]
 
 
 # ------------------------------------------------------------------------ config -> objects
@@ -76,36 +60,36 @@ def make_task_from_config(r: ConfigDict):
         raise UserError(f"config.rl.task / config.rl.tasks.{name}: {e}") from e
 
 
-def _tristate(value: Any, key: str, auto: bool) -> bool:
-    v = str(value).lower()
-    if v == "auto":
+def _auto(value: Any, key: str, auto: bool) -> bool:
+    """A boolean option whose None means `auto` (the loss's convention)."""
+    if value is None:
         return auto
-    if v in ("on", "true", "1"):
-        return True
-    if v in ("off", "false", "0"):
-        return False
-    raise UserError(f"config.rl.{key}={value!r} must be 'auto', 'on' or 'off'")
+    if isinstance(value, bool):
+        return value
+    raise UserError(f"config.rl.{key}={value!r} must be None (auto), True or False")
+
+
+def _maybe(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def make_options(r: ConfigDict, task) -> RLOptions:
-    """`RLOptions` from `config.rl` (errors name the key)."""
+    """`RLOptions` from `config.rl` (errors name the key); None picks the loss's default."""
     if r.loss not in losses.LOSSES:
         raise UserError(f"config.rl.loss={r.loss!r} is not one of {tuple(losses.LOSSES)}")
-    n = int(r.max_new_tokens) or int(task.min_new_tokens)
+    n = int(r.max_new_tokens or task.min_new_tokens)
     dapo = r.loss == "dapo"
-    overlong = int(r.overlong_cache_len)
+    overlong = r.overlong_cache_len
     try:
         return RLOptions(
             n_prompts=int(r.n_prompts), group_size=int(r.group_size), max_new_tokens=n,
             temperature=float(r.temperature), top_k=int(r.top_k), top_p=float(r.top_p),
-            loss=r.loss,
-            eps_lo=None if float(r.eps_lo) < 0 else float(r.eps_lo),
-            eps_hi=None if float(r.eps_hi) < 0 else float(r.eps_hi),
+            loss=r.loss, eps_lo=_maybe(r.eps_lo), eps_hi=_maybe(r.eps_hi),
             beta=float(r.beta), tis=bool(r.tis), tis_cap=float(r.tis_cap),
             updates_per_batch=int(r.updates_per_batch), minibatches=int(r.minibatches),
-            dynamic_sampling=_tristate(r.dynamic_sampling, "dynamic_sampling", dapo),
-            overlong_cache_len=(max(n // 4, 1) if dapo else 0) if overlong < 0 else overlong,
-            normalize_adv_std=_tristate(r.adv_std, "adv_std", r.loss != "dr_grpo"),
+            dynamic_sampling=_auto(r.dynamic_sampling, "dynamic_sampling", dapo),
+            overlong_cache_len=(max(n // 4, 1) if dapo else 0) if overlong is None else int(overlong),
+            normalize_adv_std=_auto(r.adv_std, "adv_std", r.loss != "dr_grpo"),
             holdout_modulus=int(r.holdout_modulus),
         )
     except ValueError as e:
@@ -113,15 +97,6 @@ def make_options(r: ConfigDict, task) -> RLOptions:
 
 
 # ------------------------------------------------------------------------ checkpoints
-def latest_checkpoint(directory: str) -> int | None:
-    """The latest finished step saved under an Orbax checkpoint directory (None if none)."""
-    if not os.path.isdir(directory):
-        return None
-    steps = [int(d) for d in os.listdir(directory)
-             if d.isdigit() and os.path.isdir(os.path.join(directory, d, "default"))]
-    return max(steps) if steps else None
-
-
 def restore_variables(
     directory: str, abstract: dict[str, Any], step: int | None = None
 ) -> dict[str, Any]:
@@ -133,49 +108,91 @@ def restore_variables(
     checkpoint raise `UserError`."""
     for d in (os.path.join(directory, "checkpoints"),
               os.path.join(directory, "warmup", "checkpoints"), directory):
-        latest = latest_checkpoint(d)
-        if latest is not None:
-            step = latest if step is None else step
-            break
-    else:
-        raise UserError(f"no checkpoint found under {directory!r} (looked in checkpoints/, "
-                        "warmup/checkpoints/ and the directory itself)")
-    if not os.path.isdir(os.path.join(d, str(step), "default")):
-        raise UserError(f"no checkpoint of step {step} in {d}")
-    path = os.path.join(os.path.abspath(d), str(step), "default")
-    abstract = {k: v for k, v in abstract.items() if jax.tree.leaves(v)}
-    try:
-        with ocp.PyTreeCheckpointer() as ck:
-            out = ck.restore(path, args=ocp.args.PyTreeRestore(
-                item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-                partial_restore=True))
-    except Exception as e:  # orbax raises many types for unreadable / mismatched trees
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot restore the model variables from {path} (saved by a "
-                        f"different model config?): {type(e).__name__}: {first[:300]}") from e
-    for k, v in abstract.items():
-        got = jax.tree.map(lambda x: (x.shape, x.dtype), out[k])
-        want = jax.tree.map(lambda x: (x.shape, x.dtype), v)
-        if got != want:
-            raise UserError(f"checkpoint {path}: '{k}' shapes differ from the configured model")
-    return out
+        if not os.path.isdir(d):
+            continue
+        ckpt = Checkpointer.open(d)
+        try:
+            if ckpt.latest_step() is not None:
+                return ckpt.restore_partial(abstract, step)
+        finally:
+            ckpt.close()
+    raise UserError(f"no checkpoint found under {directory!r} (looked in checkpoints/, "
+                    "warmup/checkpoints/ and the directory itself)")
 
 
 # ------------------------------------------------------------------------------- run
 def run(config: ConfigDict) -> dict[str, Any]:
     """RL per `config`; returns the last logged metrics. Resumes from the latest
     checkpoint in `config.workdir` when there is one."""
-    cfg = model_config(config)
+    cfg = setup.model_config(config)
     r = config.rl
     task = make_task_from_config(r)
     opts = make_options(r, task)
     distributed.initialize(config.get("distributed"))
     lead = jax.process_index() == 0
-    steps = int(config.train.steps)
-    if steps <= 0:
-        raise UserError(f"config.train.steps={steps} must be > 0")
-    mesh = build_mesh(config)
-    dp = int(np.prod([mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+    steps = setup.total_steps(config)
+    mesh = setup.build_mesh(config)
+    seq = _check(config, cfg, opts, task, setup.data_parallel_size(mesh))
+    try:
+        ev = eval_prompts(task, int(r.eval_seed), int(r.eval_prompts), opts.holdout_modulus)
+    except ValueError as e:
+        raise UserError(f"config.rl.eval_prompts: {e}") from e
+    opt_cfg = ConfigDict(config.optim.to_dict())
+    if opt_cfg.total_steps is None or opt_cfg.total_steps <= 0:
+        opt_cfg.total_steps = steps * opts.updates_per_batch * opts.minibatches
+    model = Transformer(cfg, mesh=mesh)
+    workdir = config.workdir
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        tx, schedule = setup.build_optimizer(opt_cfg, setup.abstract_params(model, seq))
+        hook = setup.qk_clip_hook(config, cfg)
+        os.makedirs(workdir, exist_ok=True)
+        if lead:
+            setup.write_config(workdir, config)
+        ckpt = setup.checkpointer(config, os.path.join(workdir, "checkpoints"))
+        evaluate = _evaluator(config, model, task, opts, mesh, ev)
+        base = setup.init_state(model, tx, mesh, int(config.seed), seq)
+        template = RLState(step=base.step, params=base.params, opt_state=base.opt_state,
+                           router_bias=base.router_bias, rng=base.rng, bad_steps=base.bad_steps,
+                           ref=_ref(base.params, base.router_bias, opts.beta))
+        with on_preemption() as preempted:
+            state = setup.resume(ckpt, template, workdir, lead, "RL step")
+            first_eval = None
+            if state is None:
+                params, router_bias = _initial_policy(config, model, task, opts, mesh, base,
+                                                      hook, evaluate, preempted, lead)
+                if params is None:  # preempted during the warm-up (saved)
+                    ckpt.close()
+                    return {}
+                state = template.replace(
+                    params=params, router_bias=router_bias,
+                    opt_state=setup.init_opt_state(tx, params, mesh),
+                    ref=_ref(params, router_bias, opts.beta))
+                if lead:
+                    drop_metrics_after(workdir, 0)  # rows of an attempt that never saved
+                first_eval = evaluate(state.params, state.router_bias)
+                ckpt.save(0, state, force=True)
+                if lead:
+                    print(f"RL starts at greedy held-out accuracy "
+                          f"{first_eval['eval_accuracy']:.3f}")
+            writer = MetricWriter(workdir, enabled=lead)  # after drop_metrics_after rewrote it
+            if first_eval is not None:
+                writer.write(0, first_eval)
+            if lead:
+                print(_summary(cfg, opts, mesh, task))
+            out = run_steps(
+                state, _rl_job(model, tx, task, opts, schedule, hook, state, evaluate),
+                Cadence.from_config(config, steps, int(r.eval_every)), ckpt, writer,
+                preempted=preempted, progress=bool(config.train.progress), lead=lead,
+                desc="rl")
+    if lead and out.last:
+        write_final_metrics(workdir, out.last)
+    return out.last
+
+
+def _check(config: ConfigDict, cfg, opts: RLOptions, task, dp: int) -> int:
+    """Validates the batch sizes against the mesh and the lengths against the model;
+    returns the sequence length (prompt width + completion budget)."""
+    r = config.rl
     mb = opts.batch_size // opts.minibatches
     if mb % dp:
         raise UserError(
@@ -196,153 +213,72 @@ def run(config: ConfigDict) -> dict[str, Any]:
     if cfg.vocab_size <= EOS:
         raise UserError(f"config.model.vocab_size={cfg.vocab_size} must exceed the byte "
                         f"tokenizer's EOS id {EOS}")
-    try:
-        ev = eval_prompts(task, int(r.eval_seed), n_eval, opts.holdout_modulus)
-    except ValueError as e:
-        raise UserError(f"config.rl.eval_prompts: {e}") from e
+    return seq
 
-    opt_cfg = ConfigDict(config.optim.to_dict())
-    per_step = opts.updates_per_batch * opts.minibatches
-    if opt_cfg.total_steps <= 0:
-        opt_cfg.total_steps = steps * per_step
-    model = Transformer(cfg)
-    workdir = config.workdir
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-        abstract_params = jax.eval_shape(
-            lambda k: nn.unbox(model.init(k, jnp.zeros((1, seq), jnp.int32)))["params"],
-            jax.random.PRNGKey(0))
-        try:
-            tx = optim.build(opt_cfg, abstract_params)
-            schedule = optim.build_schedule(opt_cfg)
-        except ValueError as e:
-            raise UserError(f"config.optim: {e}") from e
-        hook = None
-        if config.optim.qk_clip.enabled:
-            try:
-                hook = make_qk_clip_hook(cfg, float(config.optim.qk_clip.tau))
-            except ValueError as e:
-                raise UserError(f"config.optim.qk_clip: {e}") from e
 
-        os.makedirs(workdir, exist_ok=True)
+def _evaluator(config: ConfigDict, model, task, opts: RLOptions, mesh, ev):
+    """`evaluate(params, router_bias, split='eval')`: greedy accuracy on the held-out
+    prompts `ev` ('eval'), or, for the warm-up's target, on fixed training-split prompts
+    ('train', reported as `train_accuracy`)."""
+    r = config.rl
+    eval_jit = jax.jit(make_eval_fn(model, task, opts.max_new_tokens))
+    eval_sets = {"eval": _place(ev, mesh)}
+    if int(r.warmup_steps) and float(r.warmup_target_accuracy) > 0:
+        tr = jax.device_get(train_prompts(task, jax.random.PRNGKey(int(r.eval_seed) + 1),
+                                          int(r.eval_prompts), opts.holdout_modulus))
+        eval_sets["train"] = _place(tr, mesh)
+
+    def evaluate(params, router_bias, split: str = "eval") -> dict[str, Any]:
+        out = to_python(jax.device_get(eval_jit(params, router_bias, *eval_sets[split])))
+        return out if split == "eval" else {"train_accuracy": out["eval_accuracy"]}
+
+    return evaluate
+
+
+def _initial_policy(config, model, task, opts, mesh, base: TrainState, hook, evaluate,
+                    preempted, lead):
+    """(params, router_bias) RL starts from: fresh, `config.init_from` (a `model.hf`
+    import), `rl.init_from` (a run's checkpoint), then the optional warm-up; Nones when a
+    preemption stopped the warm-up."""
+    r = config.rl
+    if config.get("init_from", ""):
+        base = setup.load_init_from(str(config.init_from), base, mesh)
         if lead:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(config.to_json(indent=2))
-        ckpt_every = max(int(config.checkpoint.every), 1)
-        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), ckpt_every,
-                            int(config.checkpoint.keep), bool(config.checkpoint.async_save))
-
-        eval_jit = jax.jit(make_eval_fn(model, task, opts.max_new_tokens))
-        eval_sets = {"eval": _place(ev, mesh)}
-        if wsteps and float(r.warmup_target_accuracy) > 0:  # fixed training-split prompts
-            tr = jax.device_get(train_prompts(task, jax.random.PRNGKey(int(r.eval_seed) + 1),
-                                              n_eval, opts.holdout_modulus))
-            eval_sets["train"] = _place(tr, mesh)
-
-        def evaluate(params, router_bias, split: str = "eval") -> dict[str, Any]:
-            out = to_python(jax.device_get(eval_jit(params, router_bias, *eval_sets[split])))
-            return out if split == "eval" else {"train_accuracy": out["eval_accuracy"]}
-
-        base = init_state(model, tx, mesh, int(config.seed), seq)
-        template = RLState(step=base.step, params=base.params, opt_state=base.opt_state,
-                           router_bias=base.router_bias, rng=base.rng, bad_steps=base.bad_steps,
-                           ref=_ref(base.params, base.router_bias, opts.beta))
-        preempted: list[str] = []
-        restore_signals = on_preemption(preempted)
-        start = ckpt.latest_step()
-        if start is not None:
-            state = ckpt.restore(abstract_like(template))
-            if lead:
-                print(f"resumed from {ckpt.directory} at RL step {int(state.step)}")
-                drop_metrics_after(workdir, int(state.step))
-        else:
-            if config.get("init_from", ""):  # a `python -m model.hf import` checkpoint
-                base = load_init_from(str(config.init_from), base, mesh)
-                if lead:
-                    print(f"initialized the policy from {config.init_from}")
-            params, router_bias = base.params, base.router_bias
-            if r.init_from:
-                got = restore_variables(r.init_from, abstract_like(
-                    {"params": params, "router_bias": router_bias}))
-                params, router_bias = got["params"], got.get("router_bias", router_bias)
-                if lead:
-                    print(f"initialized the policy from {r.init_from}")
-            if wsteps:
-                params, router_bias = _warmup(config, model, task, opts, mesh, params,
-                                              router_bias, hook, evaluate, preempted, lead)
-                if params is None:  # preempted during the warm-up (saved)
-                    restore_signals()
-                    ckpt.close()
-                    return {}
-            shardings = jax.tree.map(lambda x: x.sharding, base.opt_state)
-            opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
-            state = template.replace(params=params, router_bias=router_bias, opt_state=opt_state,
-                                     ref=_ref(params, router_bias, opts.beta))
-            if lead:
-                drop_metrics_after(workdir, 0)  # rows of an earlier attempt that never saved
-            first_eval = evaluate(state.params, state.router_bias)
-            ckpt.save(0, state, force=True)
-            if lead:
-                print(f"RL starts at greedy held-out accuracy {first_eval['eval_accuracy']:.3f}")
-        writer = MetricWriter(workdir, enabled=lead)  # after drop_metrics_after rewrote it
-        if start is None:
-            writer.write(0, first_eval)
+            print(f"initialized the policy from {config.init_from}")
+    params, router_bias = base.params, base.router_bias
+    if r.init_from:
+        got = restore_variables(r.init_from, abstract_like(
+            {"params": params, "router_bias": router_bias}))
+        params, router_bias = got["params"], got.get("router_bias", router_bias)
         if lead:
-            print(_summary(cfg, opts, mesh, task))
+            print(f"initialized the policy from {r.init_from}")
+    if int(r.warmup_steps):
+        return _warmup(config, model, task, opts, mesh, params, router_bias, hook, evaluate,
+                       preempted, lead)
+    return params, router_bias
 
-        shardings = jax.tree.map(lambda x: x.sharding, state)
-        rl_step = make_rl_step(model, tx, task, opts, schedule, hook)
-        step_fn = jax.jit(lambda s: rl_step(s, jax.random.fold_in(s.rng, s.step)),
-                          in_shardings=(shardings,), out_shardings=(shardings, None),
-                          donate_argnums=0)
 
-        log_every = max(int(config.train.log_every), 1)
-        eval_every = int(r.eval_every)
-        max_bad = int(config.train.max_bad_steps)
-        first = int(state.step)
-        bar = tqdm(total=steps, initial=first, disable=not (config.train.progress and lead),
-                   dynamic_ncols=True, desc="rl")
-        last: dict[str, Any] = {}
-        t0, n0 = time.perf_counter(), 0
-        for step in range(first, steps):
-            state, metrics = step_fn(state)
-            n0 += 1
-            done = step + 1
-            is_eval = eval_every > 0 and done % eval_every == 0 or done == steps
-            if done % log_every == 0 or is_eval:
-                m = to_python(jax.device_get(metrics))
-                m["step_s"] = (time.perf_counter() - t0) / n0
-                m["samples_per_s"] = opts.batch_size / max(m["step_s"], 1e-9)
-                if max_bad and int(state.bad_steps) >= max_bad:
-                    ckpt.close()
-                    raise UserError(
-                        f"aborting at RL step {done}: {int(state.bad_steps)} steps in a row had "
-                        "a non-finite loss or gradient (updates skipped; checkpoints kept). "
-                        "Lower config.optim.lr or change config.train.max_bad_steps")
-                if is_eval:
-                    m.update(evaluate(state.params, state.router_bias))
-                writer.write(done, m)
-                last = {"step": done, **m}
-                post = dict(reward=f"{m['reward_mean']:.3f}", acc=f"{m['accuracy']:.3f}")
-                if "eval_accuracy" in m:
-                    post["eval_acc"] = f"{m['eval_accuracy']:.3f}"
-                bar.set_postfix(post)
-                t0, n0 = time.perf_counter(), 0
-            bar.update(1)
-            stop = should_stop(preempted, done % log_every == 0)
-            if done % ckpt_every == 0 or done == steps or stop:
-                ckpt.save(done, state, force=True)
-            if stop:
-                if lead:
-                    print(f"\nreceived {stop}: saved RL step {done}; rerun the command to resume")
-                break
-        bar.close()
-        restore_signals()
-        ckpt.close()
-        writer.close()
-    if lead and last:
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump(last, f, indent=2)
-    return last
+def _rl_job(model, tx, task, opts: RLOptions, schedule, hook, state: RLState, evaluate) -> Job:
+    """The runner's view of the RL step: one jitted `rl_step` per RL step."""
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    rl_step = make_rl_step(model, tx, task, opts, schedule, hook)
+    step_fn = jax.jit(lambda s: rl_step(s, jax.random.fold_in(s.rng, s.step)),
+                      in_shardings=(shardings,), out_shardings=(shardings, None),
+                      donate_argnums=0)
+
+    def row(m: dict[str, Any], n: int, seconds: float) -> dict[str, Any]:
+        m["step_s"] = seconds / n
+        m["samples_per_s"] = opts.batch_size / max(m["step_s"], 1e-9)
+        return m
+
+    def postfix(m: dict[str, Any]) -> dict[str, str]:
+        post = dict(reward=f"{m['reward_mean']:.3f}", acc=f"{m['accuracy']:.3f}")
+        if "eval_accuracy" in m:
+            post["eval_acc"] = f"{m['eval_accuracy']:.3f}"
+        return post
+
+    return Job(step=lambda s, i: step_fn(s), name="RL step", row=row, postfix=postfix,
+               evaluate=lambda s: evaluate(s.params, s.router_bias))
 
 
 def _ref(params, router_bias, beta: float):
@@ -366,12 +302,13 @@ def _place(split, mesh):
     """Host (prompts, lens, answer) -> global arrays sharded on the batch axis."""
     prompts, lens, answer = split
     arrays = {"prompts": prompts, "lens": lens, **{f"answer/{k}": v for k, v in answer.items()}}
-    arrays = global_batch({k: np.asarray(v) for k, v in arrays.items()},
-                          {k: batch_sharding(mesh, np.ndim(v)) for k, v in arrays.items()})
+    arrays = setup.global_batch({k: np.asarray(v) for k, v in arrays.items()},
+                                {k: batch_sharding(mesh, np.ndim(v)) for k, v in arrays.items()})
     ans = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("answer/")}
     return arrays["prompts"], arrays["lens"], ans
 
 
+# ------------------------------------------------------------------------------- warm-up
 def _warmup(config, model, task, opts: RLOptions, mesh, params, router_bias, hook, evaluate,
             preempted, lead):
     """Supervised warm-up on task demonstrations (prompt -> answer + EOS, loss on the
@@ -391,37 +328,22 @@ def _warmup(config, model, task, opts: RLOptions, mesh, params, router_bias, hoo
     wcfg.schedule = r.warmup_schedule
     wcfg.total_steps = w_total
     wcfg.warmup_steps = min(max(w_total // 10, 1), w_total - 1)
-    try:
-        wtx = optim.build(wcfg, params)
-        wsched = optim.build_schedule(wcfg)
-    except ValueError as e:
-        raise UserError(f"config.rl.warmup_* (warm-up optimizer): {e}") from e
+    wtx, wsched = setup.build_optimizer(wcfg, params, "config.rl.warmup_* (warm-up optimizer)")
     try:  # fail early (no demonstrations, answers too long)
         jax.eval_shape(lambda k: demo_batch(task, k, bs, opts.max_new_tokens,
                                             opts.holdout_modulus), jax.random.PRNGKey(0))
     except ValueError as e:
         raise UserError(f"config.rl.warmup_steps: {e}") from e
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    p_shard = jax.tree.map(lambda x: x.sharding, params)
-    o_shard = opt_state_shardings(jax.eval_shape(wtx.init, params), params, p_shard, replicated)
-
-    def scalar(x):
-        return jax.device_put(x, replicated)
-
+    replicated = setup.replicated_sharding(mesh)
     state = TrainState(
-        step=scalar(jnp.zeros((), jnp.int32)), params=params,
-        opt_state=jax.jit(wtx.init, out_shardings=o_shard)(params), router_bias=router_bias,
-        rng=scalar(jax.random.PRNGKey(int(config.seed) + 1)),
-        bad_steps=scalar(jnp.zeros((), jnp.int32)))
+        step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params,
+        opt_state=setup.init_opt_state(wtx, params, mesh), router_bias=router_bias,
+        rng=jax.device_put(jax.random.PRNGKey(int(config.seed) + 1), replicated),
+        bad_steps=jax.device_put(jnp.zeros((), jnp.int32), replicated))
     wdir = os.path.join(config.workdir, "warmup")
-    every = max(int(config.checkpoint.every), 1)
-    ckpt = Checkpointer(os.path.join(wdir, "checkpoints"), every, int(config.checkpoint.keep),
-                        bool(config.checkpoint.async_save))
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(abstract_like(state))
-        if lead:
-            print(f"resumed the warm-up from {ckpt.directory} at step {int(state.step)}")
-            drop_metrics_after(wdir, int(state.step))
+    ckpt = setup.checkpointer(config, os.path.join(wdir, "checkpoints"))
+    resumed = setup.resume(ckpt, state, wdir, lead, "warm-up step")
+    state = state if resumed is None else resumed
     train_step = make_train_step(model, wtx, wsched, StepOptions(), hook)
 
     def wstep(s: TrainState):
@@ -431,45 +353,25 @@ def _warmup(config, model, task, opts: RLOptions, mesh, params, router_bias, hoo
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step_fn = jax.jit(wstep, in_shardings=(shardings,), out_shardings=(shardings, None),
                       donate_argnums=0)
-    writer = MetricWriter(wdir, enabled=lead)
-    log_every = max(int(config.train.log_every), 1)
-    eval_every = int(r.eval_every)
-    first = int(state.step)
-    bar = tqdm(total=w_total, initial=first, dynamic_ncols=True, desc="warm-up",
-               disable=not (config.train.progress and lead))
-    stopped = None
-    for w in range(first, w_total):
-        state, metrics = step_fn(state)
-        done = w + 1
-        is_eval = eval_every > 0 and done % eval_every == 0 or done == w_total
-        reached = False
-        if done % log_every == 0 or is_eval:
-            m = {k: v for k, v in to_python(jax.device_get(metrics)).items()
-                 if not isinstance(v, list)}
-            if is_eval:
-                m.update(evaluate(state.params, state.router_bias))
-                if target > 0:
-                    m.update(evaluate(state.params, state.router_bias, "train"))
-                    reached = m["train_accuracy"] >= target
-            writer.write(done, m)
-            bar.set_postfix(loss=f"{m['loss']:.3f}")
-        bar.update(1)
-        stop = should_stop(preempted, done % log_every == 0)
-        if done % every == 0 or done == w_total or stop or reached:
-            ckpt.save(done, state, force=True)
-        if reached:
-            if lead:
-                print(f"\nwarm-up reached train_accuracy {m['train_accuracy']:.3f} >= "
-                      f"{target} at step {done}")
-            break
-        if stop:
-            if lead:
-                print(f"\nreceived {stop}: saved warm-up step {done}; rerun the command to resume")
-            stopped = stop
-            break
-    bar.close()
-    ckpt.close()
-    writer.close()
-    if stopped:
+
+    def evaluate_warmup(s: TrainState) -> dict[str, Any]:
+        m = evaluate(s.params, s.router_bias)
+        if target > 0:
+            m.update(evaluate(s.params, s.router_bias, "train"))
+        return m
+
+    def done(m: dict[str, Any]) -> str:
+        if target > 0 and m.get("train_accuracy", -1.0) >= target:
+            return f"warm-up reached train_accuracy {m['train_accuracy']:.3f} >= {target}"
+        return ""
+
+    job = Job(step=lambda s, i: step_fn(s), name="warm-up step",
+              row=lambda m, n, dt: {k: v for k, v in m.items() if not isinstance(v, list)},
+              evaluate=evaluate_warmup, postfix=lambda m: dict(loss=f"{m['loss']:.3f}"),
+              done=done)
+    out = run_steps(state, job, Cadence.from_config(config, w_total, int(r.eval_every)), ckpt,
+                    MetricWriter(wdir, enabled=lead), preempted=preempted,
+                    progress=bool(config.train.progress), lead=lead, desc="warm-up")
+    if out.preempted:
         return None, None
-    return state.params, state.router_bias
+    return out.state.params, out.state.router_bias

@@ -7,7 +7,7 @@ rollouts with the current parameters and updates them, inside the same compiled 
     -> old log-probs from the full-sequence forward (stop-gradient) [+ the frozen
     reference's for the k3 KL] -> mu x M policy-gradient updates (`lax.scan`) with the
     optax transformation of `optim.build`, each followed by the QK-clip hook and the MoE
-    router-bias update, exactly as in `train.step`.
+    router-bias update, with `train.step.make_apply_update`, the update pretraining uses.
 
 Temperature convention. The policy being optimized is pi_T = softmax(logits / T), the
 distribution the sampler draws from (before top-k / top-p filtering): the training forward
@@ -41,9 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from model import ModelConfig, Transformer, max_violation, update_router_biases
+from model import ModelConfig, Transformer, max_violation
 from rl import losses
 from rl.sampling import EOS, gather_completion, sample
+from train.step import make_apply_update
 
 __all__ = [
     "RLOptions",
@@ -231,10 +232,6 @@ def _masked_mean(x, mask):
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _tree_where(pred, a, b):
-    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
-
-
 def _reduce_updates(ms: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """Metrics of the mu x M updates (leading axes [mu, M]) -> one value per step."""
     out = {}
@@ -303,25 +300,18 @@ def make_rl_step(
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
+    apply_update = make_apply_update(cfg, tx, post_update)
+
     def update(carry, mb):
         params, opt_state, router_bias = carry
         (loss, (lm, aux)), grads = grad_fn(params, router_bias, mb)
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt = tx.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        metrics = {**lm, "loss": loss, "grad_norm": grad_norm,
-                   "update_norm": optax.tree.norm(updates),
-                   "max_logit": jnp.max(aux["max_logits"])}
-        if post_update is not None:
-            new_params, extra = post_update(new_params, aux)
-            metrics.update(extra)
-        new_bias = router_bias
-        if cfg.is_moe:
-            new_bias = update_router_biases(cfg, router_bias, aux["moe_load"])
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        new = _tree_where(finite, (new_params, new_opt, new_bias), carry)
-        metrics["skipped"] = (~finite).astype(jnp.int32)
-        return new, metrics
+        *new, update_metrics = apply_update(finite, params, opt_state, router_bias, grads, aux)
+        metrics = {**lm, "loss": loss, "grad_norm": grad_norm,
+                   "max_logit": jnp.max(aux["max_logits"]), **update_metrics,
+                   "skipped": (~finite).astype(jnp.int32)}
+        return tuple(new), metrics
 
     def epoch(carry, _, minibatches):
         return jax.lax.scan(update, carry, minibatches)

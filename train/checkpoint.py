@@ -20,20 +20,34 @@ from train.errors import UserError
 
 
 class Checkpointer:
-    """Thin wrapper over `ocp.CheckpointManager` for one `TrainState` tree."""
+    """Thin wrapper over `ocp.CheckpointManager` for one `TrainState` tree.
 
-    def __init__(self, directory: str, every: int, keep: int, async_save: bool = True):
+    `Checkpointer.open(directory)` reads an existing directory without creating anything
+    (for `restore_partial` from another run)."""
+
+    def __init__(self, directory: str, every: int = 1, keep: int | None = None,
+                 async_save: bool = True, create: bool = True):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=max(every, 1),
-            create=True,
+            create=create,
             enable_async_checkpointing=async_save,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
+    @classmethod
+    def open(cls, directory: str) -> Checkpointer:
+        """An existing checkpoint directory, to read (`UserError` if it is not a directory)."""
+        if not os.path.isdir(directory):
+            raise UserError(f"no checkpoint directory {directory!r}")
+        return cls(directory, async_save=False, create=False)
+
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, force: bool = False) -> bool:
         return self.manager.save(step, args=ocp.args.StandardSave(state), force=force)
@@ -53,6 +67,33 @@ class Checkpointer:
                 f"(corrupt, or saved by an incompatible config): {type(e).__name__}: {first[:300]}. "
                 "Nothing was deleted; point config.workdir elsewhere or fix the config."
             ) from e
+
+    def restore_partial(self, abstract: dict[str, Any], step: int | None = None) -> dict[str, Any]:
+        """Restores only `abstract`'s top-level entries (e.g. `{'params': ..., 'router_bias':
+        ...}` as `jax.ShapeDtypeStruct`s with shardings) of the saved state at `step`
+        (default: latest); the rest (optimizer state, ...) is not read. Empty entries are
+        skipped. A missing step, an unreadable checkpoint or other shapes raise `UserError`.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.all_steps():
+            what = "no checkpoint" if step is None else f"no checkpoint of step {step}"
+            raise UserError(f"{what} in {self.directory} (steps: {self.all_steps()})")
+        abstract = {k: v for k, v in abstract.items() if jax.tree.leaves(v)}
+        where = f"{self.directory} step {step}"
+        try:
+            out = self.manager.restore(step, args=ocp.args.PyTreeRestore(
+                item=abstract, partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
+        except Exception as e:  # orbax raises many types for unreadable / mismatched trees
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"cannot restore {sorted(abstract)} from {where} (saved by a "
+                            f"different model config?): {type(e).__name__}: {first[:300]}") from e
+        for k, v in abstract.items():
+            got = jax.tree.map(lambda x: (x.shape, x.dtype), out[k])
+            want = jax.tree.map(lambda x: (x.shape, x.dtype), v)
+            if got != want:
+                raise UserError(f"checkpoint {where}: '{k}' shapes differ from the configured model")
+        return out
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -70,7 +70,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 def matmul_probe(n: int = 1024, dtype: str = "float32") -> Callable[[], None]:
     """A compiled `n x n x n` matmul (2 n^3 FLOPs) of `dtype` operands with a float32 result,
-    the form `model.layers.matmul` gives the model's dots; calling it runs one to completion."""
+    the form `model.matmul.matmul` gives the model's dots; calling it runs one to completion."""
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()

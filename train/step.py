@@ -171,8 +171,42 @@ def _loss_sums(model: Transformer, params, router_bias, batch, options: StepOpti
     return ce_sum + options.z_loss * z_sum, ce_sum, n, aux
 
 
-def _tree_where(pred: jax.Array, a: Any, b: Any) -> Any:
-    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
+def make_apply_update(
+    cfg: ModelConfig,
+    tx: optax.GradientTransformation,
+    post_update: Callable[[Any, dict[str, jax.Array]], tuple[Any, dict]] | None = None,
+) -> Callable[..., tuple[Any, Any, Any, dict[str, jax.Array]]]:
+    """Builds `apply_update(finite, params, opt_state, router_bias, grads, aux) ->
+    (params, opt_state, router_bias, metrics)`, the update shared by every step (train,
+    RL, ...): the optax update, the optional `post_update(params, aux) -> (params,
+    metrics)` hook (QK-clip), then the loss-free balancing update of the router biases
+    from `aux['moe_load']` (DeepSeek-V3). With `finite` (a bool scalar) false, nothing is
+    updated and the update metrics are 0; `finite=None` updates unconditionally."""
+
+    def update(params, opt_state, router_bias, grads, aux):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"update_norm": optax.tree.norm(updates)}
+        if post_update is not None:
+            params, extra = post_update(params, aux)
+            metrics.update(extra)
+        if cfg.is_moe:
+            router_bias = update_router_biases(cfg, router_bias, aux["moe_load"])
+        return params, opt_state, router_bias, metrics
+
+    def skip(params, opt_state, router_bias, grads, aux):
+        shapes = jax.eval_shape(update, params, opt_state, router_bias, grads, aux)[3]
+        return (params, opt_state, router_bias,
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+
+    def apply_update(finite, params, opt_state, router_bias, grads, aux):
+        if finite is None:
+            return update(params, opt_state, router_bias, grads, aux)
+        # A conditional rather than a select over the new and old trees: the update is done
+        # in place, and not at all for a skipped step.
+        return jax.lax.cond(finite, update, skip, params, opt_state, router_bias, grads, aux)
+
+    return apply_update
 
 
 def make_train_step(
@@ -230,36 +264,15 @@ def make_train_step(
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         return loss, ce_sum / n_total, aux, grads
 
-    def apply_update(state: TrainState, grads: Any, aux: dict[str, jax.Array]):
-        """(params, opt_state, router_bias, metrics) after the optimizer update, the
-        post-update hook and the balancing-bias update."""
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"update_norm": optax.tree.norm(updates)}
-        if post_update is not None:
-            params, extra = post_update(params, aux)
-            metrics.update(extra)
-        router_bias = state.router_bias
-        if cfg.is_moe:
-            router_bias = update_router_biases(cfg, state.router_bias, aux["moe_load"])
-        return params, opt_state, router_bias, metrics
+    apply_update = make_apply_update(cfg, tx, post_update)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         loss, ce, aux, grads = compute_grads(state.params, state.router_bias, batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if options.skip_nonfinite:
-            # A conditional rather than a select over the new and old trees: the update is
-            # done in place, and not at all for a skipped step (whose update metrics are 0).
-            def skip(state, grads, aux):
-                shapes = jax.eval_shape(apply_update, state, grads, aux)[3]
-                return (state.params, state.opt_state, state.router_bias,
-                        jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-
-            params, opt_state, router_bias, update_metrics = jax.lax.cond(
-                finite, apply_update, skip, state, grads, aux)
-        else:
-            params, opt_state, router_bias, update_metrics = apply_update(state, grads, aux)
+        params, opt_state, router_bias, update_metrics = apply_update(
+            finite if options.skip_nonfinite else None,
+            state.params, state.opt_state, state.router_bias, grads, aux)
         metrics: dict[str, jax.Array] = {"loss": ce, "total_loss": loss, "grad_norm": grad_norm}
         metrics.update(update_metrics)
         if cfg.attn_impl == "explicit":  # the fused kernel reports no max logit

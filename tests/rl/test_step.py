@@ -34,7 +34,7 @@ from rl.step import (
     train_prompts,
 )
 from rl.tasks import Addition, decode
-from train.loop import opt_state_shardings
+from train.setup import model_config, opt_state_shardings
 from train.qkclip import make_qk_clip_hook
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -70,7 +70,7 @@ def _optimizer(params):
 
 
 def _state(model, variables, tx, mesh=None):
-    """The initial RLState, sharded by logical axes on `mesh` like `train.loop.init_state`."""
+    """The initial RLState, sharded by logical axes on `mesh` like `train.setup.init_state`."""
     params, bias = variables["params"], variables["router_bias"]
     if mesh is not None:
         abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
@@ -78,7 +78,7 @@ def _state(model, variables, tx, mesh=None):
         rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         params = jax.device_put(params, p_shard)
         bias = jax.device_put(bias, rep)
-        o_shard = opt_state_shardings(jax.eval_shape(tx.init, params), params, p_shard, rep)
+        o_shard = opt_state_shardings(tx, jax.eval_shape(tx.init, params), p_shard, rep)
         opt_state = jax.jit(tx.init, out_shardings=o_shard)(params)
         scalars = [jax.device_put(x, rep) for x in
                    (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0))]
@@ -215,7 +215,7 @@ def test_loop_warmup_rl_resume_and_generate(tmp_path, capsys):
     assert rows[3]["reward_std"] > 0
     # The policy moved between RL step 0 and 3.
     abstract = {"params": jax.eval_shape(
-        lambda: nn.unbox(rl_loop.Transformer(rl_loop.model_config(c)).init(
+        lambda: nn.unbox(rl_loop.Transformer(model_config(c)).init(
             jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))["params"])}
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(
         s.shape, s.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), abstract)

@@ -1,0 +1,232 @@
+"""The setup every job shares: model config, mesh, optimizer, sharded state, checkpoints.
+
+A job (`train.loop` for pretraining, `rl.loop`, ...) reads top to bottom as these calls,
+then one call of `train.runner.run_steps`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from ml_collections import ConfigDict
+
+import optim
+from model import ModelConfig, Transformer
+from model.sharding import logical_to_sharding, make_mesh
+from train.checkpoint import Checkpointer, abstract_like
+from train.errors import UserError
+from train.metrics import drop_metrics_after
+from train.qkclip import make_qk_clip_hook
+from train.step import TrainState
+
+# With `init_from`, the architecture comes from the checkpoint; these fields still come
+# from `config.model` (they change how the model runs, not its parameters).
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "capacity_factor", "bias_update_rate",
+                  "aux_loss_alpha", "max_seq_len")
+
+BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes the batch is split over
+
+
+def model_config(config: ConfigDict) -> ModelConfig:
+    """`config.model` as a validated `ModelConfig` (errors name the field); with
+    `config.init_from`, the imported checkpoint's architecture plus `RUNTIME_FIELDS`."""
+    try:
+        init_from = str(config.get("init_from", "") or "")
+        if not init_from:
+            return ModelConfig.from_dict(config.model.to_dict())
+        fname = os.path.join(init_from, "model_config.json")
+        if not os.path.exists(fname):
+            raise UserError(
+                f"config.init_from={init_from!r} is not a model checkpoint (no model_config.json; "
+                "create one with `python -m model.hf import SRC DST`)"
+            )
+        with open(fname) as f:
+            saved = json.load(f)
+        saved.update({k: config.model[k] for k in RUNTIME_FIELDS})
+        return ModelConfig.from_dict(saved)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"config.model: {e}") from e
+
+
+def total_steps(config: ConfigDict) -> int:
+    """`config.train.steps`, which must be positive."""
+    steps = int(config.train.steps)
+    if steps <= 0:
+        raise UserError(f"config.train.steps={steps} must be > 0")
+    return steps
+
+
+def build_mesh(config: ConfigDict) -> jax.sharding.Mesh:
+    try:
+        return make_mesh(dict(config.mesh.to_dict()))
+    except ValueError as e:
+        raise UserError(f"config.mesh: {e}") from e
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
+    """How many ways the batch is split: data x fsdp x expert."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def abstract_params(model: Transformer, seq_len: int) -> Any:
+    """The parameters' shapes and dtypes (`jax.ShapeDtypeStruct`s), nothing allocated."""
+    return jax.eval_shape(
+        lambda r: nn.unbox(model.init(r, jnp.zeros((1, seq_len), jnp.int32)))["params"],
+        jax.random.PRNGKey(0))
+
+
+def build_optimizer(
+    opt_cfg: ConfigDict, params: Any, key: str = "config.optim"
+) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
+    """`(tx, schedule)` of `opt_cfg` for `params` (concrete or abstract); errors name `key`."""
+    try:
+        return optim.build(opt_cfg, params), optim.build_schedule(opt_cfg)
+    except ValueError as e:
+        raise UserError(f"{key}: {e}") from e
+
+
+def qk_clip_hook(config: ConfigDict, cfg: ModelConfig):
+    """The QK-clip post-update hook of `config.optim.qk_clip`, or None when disabled."""
+    if not config.optim.qk_clip.enabled:
+        return None
+    try:
+        return make_qk_clip_hook(cfg, float(config.optim.qk_clip.tau))
+    except ValueError as e:
+        raise UserError(f"config.optim.qk_clip: {e}") from e
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any,
+                        param_shardings: Any, replicated: jax.sharding.Sharding) -> Any:
+    """Shardings of an optax state: every copy of the parameter tree inside it (Adam
+    moments, Muon momentum, ...) takes the parameters' shardings
+    (`optax.tree_utils.tree_map_params`); everything else (step counters) is replicated."""
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731  (optax.partition's gaps)
+    return optax.tree_utils.tree_map_params(
+        tx, lambda leaf, s: leaf if masked(leaf) else s, abstract_opt_state, param_shardings,
+        transform_non_params=lambda _: replicated, is_leaf=masked)
+
+
+def replicated_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def init_opt_state(tx: optax.GradientTransformation, params: Any, mesh) -> Any:
+    """`tx.init(params)` created directly in its shardings (those of `opt_state_shardings`)."""
+    p_shard = jax.tree.map(lambda x: x.sharding, params)
+    shardings = opt_state_shardings(tx, jax.eval_shape(tx.init, params), p_shard,
+                                    replicated_sharding(mesh))
+    return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
+def init_state(model: Transformer, tx, mesh, seed: int, seq_len: int) -> TrainState:
+    """A fresh `TrainState` with every array created directly in its sharding on `mesh`
+    (works unchanged when the mesh spans several processes).
+
+    Parameters are sharded by their logical axes (`model.sharding.LOGICAL_RULES`); the
+    optimizer state's moments take their parameter's sharding; scalars are replicated.
+    """
+    rng = jax.random.PRNGKey(seed)
+    dummy = jnp.zeros((1, seq_len), jnp.int32)
+    abstract = jax.eval_shape(lambda r: model.init(r, dummy), rng)
+    param_shardings = logical_to_sharding(nn.get_partition_spec(abstract["params"]), mesh)
+    replicated = replicated_sharding(mesh)
+    bias_shardings = jax.tree.map(lambda _: replicated, abstract.get("router_bias", {}))
+
+    def _init(r):
+        v = nn.unbox(model.init(r, dummy))
+        return v["params"], v.get("router_bias", {})
+
+    _init = jax.jit(_init, out_shardings=(param_shardings, bias_shardings))
+    params, router_bias = _init(jax.random.fold_in(rng, 1))
+    opt_state = init_opt_state(tx, params, mesh)
+    step, key, bad = jax.jit(
+        lambda: (jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed), jnp.zeros((), jnp.int32)),
+        out_shardings=replicated,
+    )()
+    return TrainState(
+        step=step, params=params, opt_state=opt_state, router_bias=router_bias, rng=key,
+        bad_steps=bad,
+    )
+
+
+def load_init_from(path: str, state: TrainState, mesh) -> TrainState:
+    """Replaces the fresh params / router biases by those of an imported checkpoint
+    (`model.hf` Orbax format), each array in the state's dtype and sharding."""
+    from model.hf.checkpoint import read_orbax
+
+    try:
+        _, variables = read_orbax(path, mesh)
+    except Exception as e:  # a wrong directory or a tree that does not match
+        raise UserError(f"config.init_from={path!r}: cannot read the checkpoint: {e}") from e
+
+    def place(new, old):
+        if new.shape != old.shape:
+            raise UserError(f"config.init_from: shape {new.shape} does not match {old.shape}")
+        return jax.device_put(new.astype(old.dtype), old.sharding)
+
+    params = jax.tree.map(place, variables["params"], state.params)
+    bias = state.router_bias
+    if "router_bias" in variables and variables["router_bias"]:
+        bias = jax.tree.map(place, variables["router_bias"], state.router_bias)
+    return state.replace(params=params, router_bias=bias)
+
+
+def checkpointer(config: ConfigDict, directory: str) -> Checkpointer:
+    """The checkpoints of `config.checkpoint` (every, keep, async_save) in `directory`."""
+    return Checkpointer(directory, max(int(config.checkpoint.every), 1),
+                        int(config.checkpoint.keep), bool(config.checkpoint.async_save))
+
+
+def write_config(workdir: str, config: ConfigDict) -> None:
+    """`workdir/config.json`: the resolved config."""
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json(indent=2))
+
+
+def global_batch(batch: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
+    """Places this process's rows of the global batch (`DataPipeline.batch`) into their
+    shardings; each process supplies only its own part."""
+    return {
+        k: jax.make_array_from_process_local_data(
+            shardings[k], v, (v.shape[0] * jax.process_count(),) + v.shape[1:]
+        )
+        for k, v in batch.items()
+    }
+
+
+def check_process_rows(sharding, global_rows: int) -> None:
+    """The pipeline gives process p rows [p*B/P, (p+1)*B/P): the mesh's batch axes must
+    split the batch across processes in process order (the default device order does)."""
+    per = global_rows // jax.process_count()
+    lo, hi = jax.process_index() * per, (jax.process_index() + 1) * per
+    for idx in sharding.addressable_devices_indices_map((global_rows, 1)).values():
+        r = idx[0]
+        start = 0 if r.start is None else r.start
+        stop = global_rows if r.stop is None else r.stop
+        if start < lo or stop > hi:
+            raise UserError(
+                f"config.mesh: the batch axes (data, fsdp, expert) do not split the batch across "
+                f"the {jax.process_count()} processes in order; put model axes (tensor) within hosts"
+            )
+
+
+def resume(ckpt: Checkpointer, template: Any, workdir: str, lead: bool,
+           name: str = "step") -> Any | None:
+    """The latest checkpoint in `ckpt` restored into `template`'s shapes and shardings
+    (metric rows logged after it are set aside, `train.metrics.drop_metrics_after`), or None if there
+    is none."""
+    if ckpt.latest_step() is None:
+        return None
+    state = ckpt.restore(abstract_like(template))
+    if lead:
+        print(f"resumed from {ckpt.directory} at {name} {int(state.step)}")
+        drop_metrics_after(workdir, int(state.step))
+    return state
