@@ -53,7 +53,7 @@ def get_config() -> ConfigDict:
             # divide advantages by the group std; None: off for dr_grpo, else on | True | False
             adv_std=placeholder(bool),
             holdout_modulus=10,  # 1/m of prompts are eval-only (0: no split)
-            eval_every=25,  # greedy held-out accuracy every this many steps (0: only at the end)
+            eval_every=25,  # greedy held-out accuracy every this many steps and at the last (0: never)
             eval_prompts=256,
             eval_seed=1234,
             init_from="",  # workdir (or checkpoint dir) of a pretraining / RL run

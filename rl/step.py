@@ -247,6 +247,30 @@ def _reduce_updates(ms: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
+def _score(task, opts: RLOptions, out: dict[str, jax.Array], answer):
+    """(task reward, shaped reward, group advantages, rows kept) of sampled rollouts: the
+    task's reward [+ DAPO's overlong penalty], advantages within groups of G, and DAPO's
+    dynamic-sampling mask (groups whose rewards all agree carry no signal)."""
+    g, n = opts.group_size, opts.max_new_tokens
+    task_reward = task.reward(out["completion"], out["completion_mask"], answer)
+    reward = task_reward
+    if opts.overlong_cache_len:
+        reward = reward + losses.overlong_penalty(out["lengths"], n, opts.overlong_cache_len)
+    adv = losses.group_advantages(reward, g, normalize_std=opts.normalize_adv_std)
+    keep = jnp.ones(reward.shape, bool)
+    if opts.dynamic_sampling:
+        keep = losses.dapo_dynamic_sampling_mask(reward, g)
+    return task_reward, reward, adv, keep
+
+
+def _sample_metrics(out: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {
+        "response_len": jnp.mean(out["lengths"].astype(jnp.float32)),
+        "ended_frac": jnp.mean(out["ended"].astype(jnp.float32)),
+        "decode_steps": out["n_steps"],
+    }
+
+
 # ----------------------------------------------------------------------------- the step
 def make_rl_step(
     model: Transformer,
@@ -330,14 +354,7 @@ def make_rl_step(
                      temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
                      eos_id=EOS)
         comp_mask = out["completion_mask"].astype(jnp.float32)
-        task_reward = task.reward(out["completion"], out["completion_mask"], answer)
-        reward = task_reward
-        if opts.overlong_cache_len:
-            reward = reward + losses.overlong_penalty(out["lengths"], n, opts.overlong_cache_len)
-        adv = losses.group_advantages(reward, g, normalize_std=opts.normalize_adv_std)
-        keep = jnp.ones((b,), bool)
-        if opts.dynamic_sampling:
-            keep = losses.dapo_dynamic_sampling_mask(reward, g)
+        task_reward, reward, adv, keep = _score(task, opts, out, answer)
         mask = comp_mask * keep[:, None].astype(jnp.float32)
 
         sg = jax.lax.stop_gradient
@@ -364,13 +381,11 @@ def make_rl_step(
             "reward_std": jnp.std(reward),
             "task_reward_mean": jnp.mean(task_reward),
             "accuracy": jnp.mean((task_reward >= 1.0).astype(jnp.float32)),
-            "response_len": jnp.mean(out["lengths"].astype(jnp.float32)),
-            "ended_frac": jnp.mean(out["ended"].astype(jnp.float32)),
-            "decode_steps": out["n_steps"],
             "entropy": _masked_mean(entropy, comp_mask),
             "mismatch": _masked_mean(jnp.abs(out["logp"] - old_logp), comp_mask),
             "groups_kept": jnp.mean(keep.astype(jnp.float32)),
             "adv_abs_mean": jnp.mean(jnp.abs(adv)),
+            **_sample_metrics(out),
         })
         if cfg.is_moe:
             metrics["moe/maxvio"] = max_violation(aux["moe_load"])
