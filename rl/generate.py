@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m rl.generate --workdir DIR --prompt "12+34=" [--prompt ...]`: prints one
     line per prompt, the prompt followed by its sampled continuation."""
     import argparse
-    import sys
 
+    from train.cli import user_errors
     from train.errors import UserError
 
     ap = argparse.ArgumentParser(prog="python -m rl.generate", description=main.__doc__)
@@ -112,14 +112,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     args = ap.parse_args(argv)
-    try:
+    with user_errors():
         model, variables = load(args.workdir, args.step)
-        texts = generate_text(model, variables, args.prompt, max_new_tokens=args.max_new_tokens,
-                              temperature=max(args.temperature, 1e-6), top_k=args.top_k,
-                              top_p=args.top_p, greedy=args.temperature <= 0, seed=args.seed)
-    except (UserError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        try:
+            texts = generate_text(model, variables, args.prompt,
+                                  max_new_tokens=args.max_new_tokens,
+                                  temperature=max(args.temperature, 1e-6), top_k=args.top_k,
+                                  top_p=args.top_p, greedy=args.temperature <= 0, seed=args.seed)
+        except ValueError as e:  # a prompt or length the model cannot take
+            raise UserError(str(e)) from e
     for p, t in zip(args.prompt, texts, strict=True):
         print(p + t)
 
