@@ -271,12 +271,7 @@ def _rl_job(model, tx, task, opts: RLOptions, schedule, hook, state: RLState, ev
         m["samples_per_s"] = opts.batch_size / max(m["step_s"], 1e-9)
         return m
 
-    def postfix(m: dict[str, Any]) -> dict[str, str]:
-        post = dict(reward=f"{m['reward_mean']:.3f}", acc=f"{m['accuracy']:.3f}")
-        if "eval_accuracy" in m:
-            post["eval_acc"] = f"{m['eval_accuracy']:.3f}"
-        return post
-
+    postfix = {"reward": "reward_mean", "acc": "accuracy", "eval_acc": "eval_accuracy"}
     return Job(step=lambda s, i: step_fn(s), name="RL step", row=row, postfix=postfix,
                evaluate=lambda s: evaluate(s.params, s.router_bias))
 
@@ -367,7 +362,7 @@ def _warmup(config, model, task, opts: RLOptions, mesh, params, router_bias, hoo
 
     job = Job(step=lambda s, i: step_fn(s), name="warm-up step",
               row=lambda m, n, dt: {k: v for k, v in m.items() if not isinstance(v, list)},
-              evaluate=evaluate_warmup, postfix=lambda m: dict(loss=f"{m['loss']:.3f}"),
+              evaluate=evaluate_warmup, postfix={"loss": "loss"},
               done=done)
     out = run_steps(state, job, Cadence.from_config(config, w_total, int(r.eval_every)), ckpt,
                     MetricWriter(wdir, enabled=lead), preempted=preempted,

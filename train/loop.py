@@ -85,7 +85,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
             step=lambda s, i: step_fn(s, setup.global_batch(next(batches), batch_shardings)),
             row=row,
             evaluate=lambda s: {"eval_loss": _evaluate(eval_fn, s, eval_sets, batch_shardings)},
-            postfix=lambda m: dict(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_s']:.0f}"),
+            postfix={"loss": "loss", "tok_s": "tokens_per_s"},
         )
         profile = tuple(int(x) for x in config.train.profile_steps)
         with on_preemption() as preempted:

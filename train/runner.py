@@ -66,7 +66,8 @@ class Job:
     row: `row(metrics, n_steps, seconds) -> metrics` adds fields (throughput) to a logged
       row computed over the `n_steps` steps since the last one.
     evaluate: `evaluate(state) -> metrics` merged into the row at eval steps.
-    postfix: the progress bar's fields from a row.
+    postfix: the progress bar's fields, {label: key of the row} (absent keys are left out;
+      non-finite values, which `to_python` writes as strings, show as they are).
     done: `done(row) -> message` to stop early after this row ('' to go on).
     """
 
@@ -74,7 +75,7 @@ class Job:
     name: str = "step"
     row: Callable[[Metrics, int, float], Metrics] | None = None
     evaluate: Callable[[Any], Metrics] | None = None
-    postfix: Callable[[Metrics], dict[str, str]] | None = None
+    postfix: dict[str, str] = dataclasses.field(default_factory=dict)
     done: Callable[[Metrics], str] | None = None
 
 
@@ -137,8 +138,9 @@ def run_steps(
                     row.update(job.evaluate(state))
                 writer.write(done, row)
                 out.last = {"step": done, **row}
-                if job.postfix is not None:
-                    bar.set_postfix(job.postfix(row))
+                if job.postfix:
+                    bar.set_postfix({label: _fmt(row[k]) for label, k in job.postfix.items()
+                                     if k in row})
                 finished = job.done(row) if job.done is not None else ""
                 t0, n0 = time.perf_counter(), 0
             bar.update(1)
@@ -156,6 +158,12 @@ def run_steps(
         checkpointer.close()
         writer.close()
     return out
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3f}"
+    return str(value)
 
 
 def _check_bad_steps(state: Any, cadence: Cadence, name: str, done: int) -> None:

@@ -34,8 +34,8 @@ from rl.step import (
     train_prompts,
 )
 from rl.tasks import Addition, decode
-from train.setup import model_config, opt_state_shardings
 from train.qkclip import make_qk_clip_hook
+from train.setup import model_config, opt_state_shardings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -108,3 +108,13 @@ def test_done_stops_early_after_a_saved_row(tmp_path):
     out = _run(tmp_path, job, Cadence(total=10, log_every=2, checkpoint_every=100))
     assert out.finished == "low enough" and out.last["step"] == 6
     assert Checkpointer(str(tmp_path / "ckpt"), 1).all_steps() == [6]
+
+
+def test_a_nan_loss_is_logged_and_shown_not_a_crash(tmp_path):
+    def step(s, i):
+        return s.replace(step=s.step + 1), {"loss": jnp.float32(jnp.nan), "tok": 1234.5}
+
+    job = Job(step=step, postfix={"loss": "loss", "tok_s": "tok"})
+    out = _run(tmp_path, job, Cadence(total=2, log_every=1))
+    assert [r["loss"] for r in read_metrics(tmp_path)] == ["nan", "nan"]
+    assert out.last["tok"] == 1234.5

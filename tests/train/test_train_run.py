@@ -153,3 +153,16 @@ def test_init_from_imported_checkpoint(tmp_path):
     bad.init_from = str(tmp_path / "nothing")
     with pytest.raises(UserError, match="init_from"):
         run(bad)
+
+
+def test_nonfinite_loss_aborts_cleanly_with_checkpoints_kept(tmp_path):
+    # An LR this large makes the loss itself non-finite at logged steps (not only the
+    # gradient): every such step is skipped, and the run aborts with a named error.
+    c = small_config(tmp_path, steps=40)
+    c.optim.update(dict(lr=1e30, clip_norm=0.0, total_steps=40))
+    c.train.max_bad_steps = 3
+    with pytest.raises(UserError, match="non-finite loss or gradient.*max_bad_steps"):
+        run(c)
+    rows = read_metrics(tmp_path)
+    assert any(isinstance(r["loss"], str) for r in rows)  # 'nan' / 'inf' rows were written
+    assert sorted(os.listdir(tmp_path / "checkpoints"))  # the saved steps are kept
