@@ -10,6 +10,7 @@ and nothing on disk is touched.
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any
 
@@ -60,13 +61,11 @@ class Checkpointer:
         try:
             return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception as e:  # orbax raises many types for unreadable / mismatched trees
-            msg = str(e).strip().splitlines()
-            first = msg[0] if msg else type(e).__name__
-            raise UserError(
+            error = UserError(
                 f"cannot restore checkpoint step {step} from {self.directory} "
-                f"(corrupt, or saved by an incompatible config): {type(e).__name__}: {first[:300]}. "
-                "Nothing was deleted; point config.workdir elsewhere or fix the config."
-            ) from e
+                f"(corrupt, or saved by an incompatible config): {_first_line(e)}. "
+                "Nothing was deleted; point config.workdir elsewhere or fix the config.")
+        raise self._after_failed_read(error)
 
     def restore_partial(self, abstract: dict[str, Any], step: int | None = None) -> dict[str, Any]:
         """Restores only `abstract`'s top-level entries (e.g. `{'params': ..., 'router_bias':
@@ -80,14 +79,16 @@ class Checkpointer:
             raise UserError(f"{what} in {self.directory} (steps: {self.all_steps()})")
         abstract = {k: v for k, v in abstract.items() if jax.tree.leaves(v)}
         where = f"{self.directory} step {step}"
+        error = None
         try:
             out = self.manager.restore(step, args=ocp.args.PyTreeRestore(
                 item=abstract, partial_restore=True,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
         except Exception as e:  # orbax raises many types for unreadable / mismatched trees
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"cannot restore {sorted(abstract)} from {where} (saved by a "
-                            f"different model config?): {type(e).__name__}: {first[:300]}") from e
+            error = UserError(f"cannot restore {sorted(abstract)} from {where} (saved by a "
+                              f"different model config?): {_first_line(e)}")
+        if error is not None:
+            raise self._after_failed_read(error)
         for k, v in abstract.items():
             got = jax.tree.map(lambda x: (x.shape, x.dtype), out[k])
             want = jax.tree.map(lambda x: (x.shape, x.dtype), v)
@@ -95,12 +96,27 @@ class Checkpointer:
                 raise UserError(f"checkpoint {where}: '{k}' shapes differ from the configured model")
         return out
 
+    def _after_failed_read(self, error: UserError) -> UserError:
+        """Closes the manager and collects what the failed Orbax read left behind (its
+        un-awaited per-shard read coroutines) now, instead of at an arbitrary later garbage
+        collection: finalized inside an unrelated `compile()` they crash CPython 3.11 ('AST
+        constructor recursion depth mismatch'). The original exception is not chained for
+        the same reason; its type and first line are in the message."""
+        self.close()
+        gc.collect()
+        return error
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:300]}"
 
 
 def abstract_like(tree: Any) -> Any:
