@@ -41,6 +41,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -85,8 +86,11 @@ class Layout:
 def family_of(hf: dict[str, Any]) -> str:
     """The supported family of an HF config, or `ValueError` naming what it is."""
     archs = hf.get("architectures") or []
+    archs = archs if isinstance(archs, list) else [archs]
     mtype = hf.get("model_type")
-    family = ARCHITECTURES.get(archs[0]) if archs else MODEL_TYPES.get(mtype)
+    mtype = mtype if isinstance(mtype, str) or mtype is None else repr(mtype)
+    arch = archs[0] if archs and isinstance(archs[0], str) else None
+    family = ARCHITECTURES.get(arch) if archs else MODEL_TYPES.get(mtype)
     if family is None or (mtype is not None and MODEL_TYPES.get(mtype) != family):
         raise ValueError(
             f"unsupported checkpoint: architectures={archs} model_type={mtype!r}; supported "
@@ -95,34 +99,89 @@ def family_of(hf: dict[str, Any]) -> str:
     return family
 
 
-def _rope_from_hf(hf: dict[str, Any], family: str, problems: list[str]) -> dict[str, Any]:
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+_REQUIRED = object()
+
+
+class _Fields:
+    """Typed reads of `config.json` entries. A missing required field or a value of the wrong
+    type is recorded in `errors`, naming the field, and a placeholder (1) stands in for it so
+    that the translation goes on and every problem is reported at once."""
+
+    def __init__(self, d: dict[str, Any], errors: list[str], prefix: str = ""):
+        self.d, self.errors, self.prefix = d, errors, prefix
+
+    def bad(self, key: str, msg: str) -> int:
+        self.errors.append(msg.format(f"'{self.prefix}{key}'"))
+        return 1
+
+    def integer(self, key: str, default: Any = _REQUIRED, lo: int = 1) -> Any:
+        """`d[key]`, an integer >= `lo`; `default` when absent or null."""
+        v = self.d.get(key)
+        if v is None:
+            return self.bad(key, "missing required field {}") if default is _REQUIRED else default
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            return self.bad(key, f"field {{}} must be an integer >= {lo}, got {v!r}")
+        return v
+
+    def number(self, key: str, default: Any = _REQUIRED, positive: bool = False) -> Any:
+        """`d[key]`, a finite number (> 0 if `positive`); `default` when absent or null."""
+        v = self.d.get(key)
+        if v is None:
+            return self.bad(key, "missing required field {}") if default is _REQUIRED else default
+        if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                or (positive and v <= 0)):
+            what = "a number > 0" if positive else "a finite number"
+            return self.bad(key, f"field {{}} must be {what}, got {v!r}")
+        return float(v)
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        """`d[key]`, an object; {} when absent or null."""
+        v = self.d.get(key) or {}
+        if not isinstance(v, dict):
+            self.bad(key, f"field {{}} must be an object, got {v!r}")
+            return {}
+        return v
+
+
+def _rope_from_hf(hf: dict[str, Any], family: str, problems: list[str], errors: list[str]) -> dict[str, Any]:
+    f = _Fields(hf, errors)
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    params = f.mapping(key)
     if any(isinstance(v, dict) for v in params.values()):
         problems.append(f"per-layer-type RoPE parameters {sorted(params)}")
         return {}
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    p = _Fields(params, errors, prefix=key + ".")
+    theta = p.number("rope_theta", None, positive=True) or f.number("rope_theta", 10000.0, positive=True)
     kind = params.get("rope_type", params.get("type", "default"))
-    out: dict[str, Any] = {"rope_theta": float(theta)}
+    out: dict[str, Any] = {"rope_theta": theta}
     if params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) not in (1, 1.0, None):
         problems.append("partial_rotary_factor != 1")
-    orig = (params.get("original_max_position_embeddings")
-            or hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings"))
+
+    def orig() -> int:
+        n = (p.integer("original_max_position_embeddings", None)
+             or f.integer("original_max_position_embeddings", None)
+             or f.integer("max_position_embeddings", None))
+        return n if n is not None else p.integer("original_max_position_embeddings")
+
     if kind == "default":
         pass
     elif kind == "linear":
-        out.update(rope_scaling="linear", rope_factor=float(params["factor"]))
+        out.update(rope_scaling="linear", rope_factor=p.number("factor", positive=True))
     elif kind == "llama3":
-        out.update(rope_scaling="llama3", rope_factor=float(params["factor"]),
-                   rope_original_max_len=int(orig),
-                   rope_low_freq_factor=float(params["low_freq_factor"]),
-                   rope_high_freq_factor=float(params["high_freq_factor"]))
+        out.update(rope_scaling="llama3", rope_factor=p.number("factor", positive=True),
+                   rope_original_max_len=orig(),
+                   rope_low_freq_factor=p.number("low_freq_factor"),
+                   rope_high_freq_factor=p.number("high_freq_factor"))
     elif kind == "yarn":
-        factor = params.get("factor") or hf["max_position_embeddings"] / orig
-        out.update(rope_scaling="yarn", rope_factor=float(factor), rope_original_max_len=int(orig),
-                   rope_beta_fast=float(params.get("beta_fast") or 32),
-                   rope_beta_slow=float(params.get("beta_slow") or 1),
-                   rope_mscale=float(params.get("mscale") or 0),
-                   rope_mscale_all_dim=float(params.get("mscale_all_dim") or 0))
+        original = orig()
+        factor = p.number("factor", None, positive=True) or f.integer("max_position_embeddings") / original
+        out.update(rope_scaling="yarn", rope_factor=float(factor), rope_original_max_len=original,
+                   rope_beta_fast=p.number("beta_fast", None) or 32.0,
+                   rope_beta_slow=p.number("beta_slow", None) or 1.0,
+                   rope_mscale=p.number("mscale", None) or 0.0,
+                   rope_mscale_all_dim=p.number("mscale_all_dim", None) or 0.0)
         if params.get("attention_factor") is not None:
             problems.append("an explicit YaRN attention_factor")
         if params.get("truncate", True) is False:
@@ -134,46 +193,81 @@ def _rope_from_hf(hf: dict[str, Any], family: str, problems: list[str]) -> dict[
     return out
 
 
-def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> tuple[ModelConfig, Layout]:
+def config_from_hf(
+    hf: dict[str, Any], dtype: str | None = None, source: str | None = None
+) -> tuple[ModelConfig, Layout]:
     """Translates an HF `config.json` dict.
 
     Args:
       dtype: parameter and compute dtype; None: the checkpoint's (`dtype`/`torch_dtype`),
         bfloat16 for FP8 checkpoints, else float32.
+      source: where `hf` was read from (`.../config.json`), named in the errors.
     Raises:
-      ValueError: an unsupported architecture, or every feature of it this model lacks.
+      ValueError: an unsupported architecture, or every feature of it this model lacks;
+        missing required fields or values of the wrong type (every one named).
     """
-    family = family_of(hf)
-    problems: list[str] = []
+    where = f"{source}: " if source else ""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{where}not a Hugging Face config (not a JSON object)")
+    try:
+        family = family_of(hf)
+        errors: list[str] = []
+        problems: list[str] = []
+        kw, layout = _config_kwargs(hf, family, dtype, problems, errors)
+    except (TypeError, AttributeError, KeyError) as e:  # a malformed value no check above names
+        raise ValueError(f"{where}malformed config ({type(e).__name__}: {e})") from e
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from e
+    if errors:
+        raise ValueError(where + "; ".join(dict.fromkeys(errors)))
+    if problems:
+        raise ValueError(f"{where}unsupported {_ARCH_OF[family]} checkpoint features: "
+                         + "; ".join(problems))
+    try:
+        return ModelConfig(**kw), layout
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from e
+
+
+def _config_kwargs(
+    hf: dict[str, Any], family: str, dtype: str | None, problems: list[str], errors: list[str]
+) -> tuple[dict[str, Any], Layout]:
+    """`ModelConfig` keyword arguments and the `Layout` of `hf` (see `config_from_hf`)."""
     g = hf.get
-    quant = g("quantization_config") or {}
+    f = _Fields(hf, errors)
+    quant = f.mapping("quantization_config")
     fp8_block = None
     if quant:
-        if quant.get("quant_method") != "fp8" or not quant.get("weight_block_size"):
+        block = quant.get("weight_block_size")
+        if quant.get("quant_method") != "fp8" or not block:
             problems.append(f"quantization {quant.get('quant_method')!r} (only block FP8 is read)")
+        elif (isinstance(block, list) and len(block) == 2
+              and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            fp8_block = (block[0], block[1])
         else:
-            fp8_block = tuple(int(b) for b in quant["weight_block_size"])
+            errors.append("field 'quantization_config.weight_block_size' must be [rows, columns] "
+                          f"(positive integers), got {block!r}")
     if dtype is None:
         dtype = g("dtype") or g("torch_dtype")
         dtype = "bfloat16" if fp8_block else (dtype if dtype in _DTYPE_NAMES else "float32")
     if g("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act={g('hidden_act')!r} (only silu)")
-    n_heads = g("num_attention_heads")
+    n_heads = f.integer("num_attention_heads")
     kw: dict[str, Any] = dict(
-        vocab_size=g("vocab_size"),
-        d_model=g("hidden_size"),
-        n_layers=g("num_hidden_layers"),
+        vocab_size=f.integer("vocab_size"),
+        d_model=f.integer("hidden_size"),
+        n_layers=f.integer("num_hidden_layers"),
         n_heads=n_heads,
-        max_seq_len=g("max_position_embeddings", 4096),
-        ffn_dim=g("intermediate_size"),
-        norm_eps=float(g("rms_norm_eps", 1e-6)),
+        max_seq_len=f.integer("max_position_embeddings", 4096),
+        ffn_dim=f.integer("intermediate_size"),
+        norm_eps=f.number("rms_norm_eps", 1e-6, positive=True),
         tie_embeddings=bool(g("tie_word_embeddings", False)),
         scale_embeddings=False,
-        init_std=float(g("initializer_range", 0.02)),
+        init_std=f.number("initializer_range", 0.02),
         dtype=dtype,
         param_dtype=dtype,
     )
-    kw.update(_rope_from_hf(hf, family, problems))
+    kw.update(_rope_from_hf(hf, family, problems, errors))
     layout = Layout(family, fp8_block=fp8_block)
 
     if family == "deepseek_v3":
@@ -183,47 +277,55 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> tuple[ModelC
             problems.append(f"scoring_func={g('scoring_func')!r}")
         if g("moe_layer_freq", 1) != 1:
             problems.append(f"moe_layer_freq={g('moe_layer_freq')}")
-        kw.update(attention="mla", q_lora_rank=g("q_lora_rank") or 0, kv_lora_rank=g("kv_lora_rank"),
-                  qk_nope_head_dim=g("qk_nope_head_dim"), qk_rope_head_dim=g("qk_rope_head_dim"),
-                  v_head_dim=g("v_head_dim"))
-        experts = g("n_routed_experts") or 0
+        kw.update(attention="mla", q_lora_rank=f.integer("q_lora_rank", 0, lo=0),
+                  kv_lora_rank=f.integer("kv_lora_rank"), qk_nope_head_dim=f.integer("qk_nope_head_dim"),
+                  qk_rope_head_dim=f.integer("qk_rope_head_dim"), v_head_dim=f.integer("v_head_dim"))
+        experts = f.integer("n_routed_experts", 0, lo=0)
         if experts:
-            top_k = g("num_experts_per_tok")
-            kw.update(n_routed_experts=experts, n_shared_experts=g("n_shared_experts") or 0,
-                      top_k=top_k, moe_ffn_dim=g("moe_intermediate_size"), router_score="sigmoid",
+            top_k = f.integer("num_experts_per_tok")
+            kw.update(n_routed_experts=experts, n_shared_experts=f.integer("n_shared_experts", 0, lo=0),
+                      top_k=top_k, moe_ffn_dim=f.integer("moe_intermediate_size"), router_score="sigmoid",
                       norm_topk_prob=bool(g("norm_topk_prob", True)),
-                      routed_scaling_factor=float(g("routed_scaling_factor", 1.0)),
-                      n_group=g("n_group") or 1, topk_group=g("topk_group") or 1,
-                      first_k_dense=min(g("first_k_dense_replace") or 0, kw["n_layers"]),
+                      routed_scaling_factor=f.number("routed_scaling_factor", 1.0),
+                      n_group=f.integer("n_group", 0, lo=0) or 1,
+                      topk_group=f.integer("topk_group", 0, lo=0) or 1,
+                      first_k_dense=min(f.integer("first_k_dense_replace", 0, lo=0), kw["n_layers"]),
                       capacity_factor=experts / top_k)
+        mtp = f.integer("num_nextn_predict_layers", None, lo=0)
         layout = dataclasses.replace(
             layout, rope_interleave=bool(g("rope_interleave", True)),
-            n_extra_layers=int(g("num_nextn_predict_layers", g("num_mtp_layers", 0)) or 0))
+            n_extra_layers=mtp if mtp is not None else f.integer("num_mtp_layers", 0, lo=0))
     else:
-        head_dim = g("head_dim") or (128 if family == "qwen3" else kw["d_model"] // n_heads)
-        kw.update(attention="mha", n_kv_heads=g("num_key_value_heads") or n_heads, head_dim=head_dim,
-                  attn_bias=family == "qwen2", qk_norm=family in ("qwen3", "qwen3_moe"))
+        head_dim = f.integer("head_dim", None) or (128 if family == "qwen3" else kw["d_model"] // n_heads)
+        kw.update(attention="mha", n_kv_heads=f.integer("num_key_value_heads", None) or n_heads,
+                  head_dim=head_dim, attn_bias=family == "qwen2",
+                  qk_norm=family in ("qwen3", "qwen3_moe"))
         if family != "qwen2" and g("attention_bias"):
             problems.append("attention_bias=True (a bias on o_proj)")
         if g("mlp_bias"):
             problems.append("mlp_bias=True")
-        if g("use_sliding_window") or "sliding_attention" in (g("layer_types") or []):
+        layer_types = g("layer_types")
+        if g("use_sliding_window") or (isinstance(layer_types, list) and "sliding_attention" in layer_types):
             problems.append("sliding-window attention")
         if family == "qwen3_moe":
-            experts = g("num_experts") or g("num_local_experts")
-            top_k, n = g("num_experts_per_tok"), kw["n_layers"]
-            dense = sorted(g("mlp_only_layers") or [])
+            experts = f.integer("num_experts", None) or f.integer("num_local_experts", None)
+            if experts is None:
+                experts = f.bad("num_experts", "missing required field {} (or 'num_local_experts')")
+            top_k, n = f.integer("num_experts_per_tok"), kw["n_layers"]
+            dense = g("mlp_only_layers") or []
+            if not isinstance(dense, list) or not all(isinstance(i, int) for i in dense):
+                f.bad("mlp_only_layers", f"field {{}} must be a list of layer indices, got {dense!r}")
+                dense = []
+            dense = sorted(dense)
             first_k = len(dense)
             if dense != list(range(first_k)) or g("decoder_sparse_step", 1) != 1:
                 problems.append(f"dense layers {dense} with decoder_sparse_step="
                                 f"{g('decoder_sparse_step', 1)} (only a leading block of dense layers)")
-            kw.update(n_routed_experts=experts, top_k=top_k, moe_ffn_dim=g("moe_intermediate_size"),
+            kw.update(n_routed_experts=experts, top_k=top_k, moe_ffn_dim=f.integer("moe_intermediate_size"),
                       router_score="softmax", norm_topk_prob=bool(g("norm_topk_prob", False)),
                       first_k_dense=min(first_k, n), bias_update_rate=0.0,
                       capacity_factor=experts / top_k)
-    if problems:
-        raise ValueError(f"unsupported {_ARCH_OF[family]} checkpoint features: " + "; ".join(problems))
-    return ModelConfig(**kw), layout
+    return kw, layout
 
 
 def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any] | None:
@@ -445,6 +547,7 @@ class _Leaf:
         self.reader, self.tm, self.fp8_block = reader, tm, fp8_block
         shape = reader.shape(tm.hf)
         self.shape = shape[::-1] if tm.transpose else shape
+        self.name = f"tensor {tm.hf} {shape}"
 
     def read(self, index: tuple[slice, ...]) -> np.ndarray:
         tm, arr = self.tm, self.reader.get(self.tm.hf)
@@ -464,6 +567,11 @@ class _Stack:
     def __init__(self, items: list[Any]):
         self.items = items
         self.shape = (len(items),) + tuple(items[0].shape)
+        self.name = items[0].name + (" ..." if len(items) > 1 else "")
+        for s in items[1:]:
+            if tuple(s.shape) != tuple(items[0].shape):
+                raise ValueError(f"{s.name} does not match the shape of {items[0].name}, "
+                                 "which it is stacked with")
 
     def read(self, index: tuple[slice, ...]) -> np.ndarray:
         return np.stack([s.read(tuple(index[1:])) for s in self.items[index[0]]])
@@ -472,6 +580,7 @@ class _Stack:
 class _Zeros:
     def __init__(self, shape: tuple[int, ...]):
         self.shape = shape
+        self.name = "zeros"
 
     def read(self, index: tuple[slice, ...]) -> np.ndarray:
         return np.zeros(self.shape, np.float32)[tuple(index)]
@@ -509,11 +618,55 @@ def abstract_variables(cfg: ModelConfig, mesh: Mesh | None = None) -> tuple[Any,
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
+    """`path/config.json` as a dict (`ValueError` naming the file if it is missing, not
+    JSON or not a JSON object)."""
     fname = os.path.join(path, "config.json")
-    if not os.path.exists(fname):
+    if not os.path.isfile(fname):
         raise ValueError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
-    with open(fname) as f:
-        return json.load(f)
+    with open(fname, "rb") as f:
+        raw = f.read()
+    try:
+        hf = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{fname}: not valid JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise ValueError(f"{fname}: not a Hugging Face config (not a JSON object)")
+    return hf
+
+
+_FLOATS = tuple(np.dtype(t) for t in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16))
+_FP8 = tuple(np.dtype(t) for t in (ml_dtypes.float8_e4m3fn, ml_dtypes.float8_e5m2))
+
+
+def _dtype_problems(reader: SafetensorsReader, maps: list[TensorMap], layout: Layout) -> list[str]:
+    """The tensors whose dtype does not fit their role, each named with its file: every
+    tensor read is a float weight (or bias), so it must be floating point; float8 only
+    2-D, in a block-FP8 checkpoint, with its `_scale_inv` of one float per block."""
+    bad = []
+    for tm in maps:
+        name, dt = tm.hf, reader.dtype(tm.hf)
+        where = f"{name} ({os.path.basename(reader.file(name))}, {dt})"
+        if dt in _FLOATS:
+            continue
+        if dt not in _FP8:
+            bad.append(f"{where}: not a floating-point dtype")
+            continue
+        scale = name + "_scale_inv"
+        shape = reader.shape(name)
+        if not layout.fp8_block:
+            bad.append(f"{where}: float8 without a block-FP8 quantization_config in config.json")
+        elif scale not in reader:
+            bad.append(f"{where}: float8 without its {scale}")
+        elif len(shape) != 2:
+            bad.append(f"{where}: float8 with shape {shape} (only matrices are block-quantized)")
+        elif reader.dtype(scale) not in _FLOATS:
+            bad.append(f"{scale} ({reader.dtype(scale)}): not a floating-point dtype")
+        else:
+            want = tuple(-(-n // b) for n, b in zip(shape, layout.fp8_block, strict=True))
+            if reader.shape(scale) != want:
+                bad.append(f"{scale}: shape {reader.shape(scale)}, but {shape} in blocks of "
+                           f"{layout.fp8_block} needs {want}")
+    return bad
 
 
 def load(
@@ -536,11 +689,14 @@ def load(
       `(cfg, {"params": ..., "router_bias": ...})` (`router_bias` only for MoE models), the
       structure `nn.unbox(Transformer(cfg).init(...))` has.
     Raises:
-      ValueError: unsupported architecture or features, or missing / unexpected tensors (all
-        listed).
+      ValueError: naming the file (and field or tensor): a missing, non-JSON or malformed
+        `config.json` (missing required fields, wrong types), an unsupported architecture or
+        features, missing / unexpected tensors (all listed), a truncated or malformed
+        safetensors file, a tensor whose dtype does not fit its role (a weight that is not
+        floating point, float8 without its block scale) or whose shape does not fit the config.
     """
     hf = read_hf_config(path)
-    cfg, layout = config_from_hf(hf, dtype)
+    cfg, layout = config_from_hf(hf, dtype, source=os.path.join(path, "config.json"))
     cfg = cfg.replace(**overrides)
     reader = SafetensorsReader(path)
     maps = tensor_maps(cfg, layout)
@@ -556,6 +712,10 @@ def load(
             f"missing: {missing[:50]}{' ...' if len(missing) > 50 else ''}; "
             f"unexpected: {unexpected[:50]}{' ...' if len(unexpected) > 50 else ''}"
         )
+    bad = _dtype_problems(reader, maps, layout)
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} tensor(s) with a dtype that does not fit their role: "
+                         + "; ".join(bad[:20]) + (" ..." if len(bad) > 20 else ""))
 
     by_leaf: dict[tuple[str, ...], list[TensorMap]] = {}
     for tm in maps:
@@ -589,7 +749,7 @@ def load(
     def put(kp, leaf, sharding=None):
         src = targets[_path(kp)]
         if tuple(src.shape) != tuple(leaf.shape):
-            raise ValueError(f"{_name(kp)}: checkpoint shape {tuple(src.shape)} != "
+            raise ValueError(f"{_name(kp)}: checkpoint shape {tuple(src.shape)} ({src.name}) != "
                              f"model shape {tuple(leaf.shape)}")
         if sharding is None:
             full = tuple(slice(None) for _ in leaf.shape)

@@ -17,6 +17,7 @@ each tensor is produced (e.g. fetched from the accelerator), written and dropped
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -49,15 +50,20 @@ class SafetensorsReader:
     """All tensors of a checkpoint directory (one file, or shards named by the HF index file,
     or every `*.safetensors` file when there is no index), memory-mapped.
 
-    `reader.keys()`, `reader.shape(name)`, `reader.dtype(name)`, `reader.get(name)` (a
-    read-only, lazily paged numpy view).
+    `reader.keys()`, `reader.shape(name)`, `reader.dtype(name)`, `reader.file(name)`,
+    `reader.get(name)` (a read-only, lazily paged numpy view).
+
+    Opening reads and checks every header (`read_header`): a truncated or malformed file,
+    a malformed index or a tensor stored twice is a `ValueError` naming the file.
     """
 
     def __init__(self, path: str):
         index = os.path.join(path, INDEX_FILE)
         if os.path.exists(index):
-            with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
+            files = _index_files(index)
+            for name in files:
+                if not os.path.isfile(os.path.join(path, name)):
+                    raise ValueError(f"{index}: names the shard {name!r}, which is not a file in {path}")
         else:
             files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
         if not files:
@@ -68,8 +74,11 @@ class SafetensorsReader:
             fname = os.path.join(path, name)
             header, start = read_header(fname)
             for key, info in header.items():
-                if key != "__metadata__":
-                    self._entries[key] = (fname, info, start)
+                if key == "__metadata__":
+                    continue
+                if key in self._entries:
+                    raise ValueError(f"tensor {key} is in both {self._entries[key][0]} and {fname}")
+                self._entries[key] = (fname, info, start)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -83,6 +92,10 @@ class SafetensorsReader:
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(DTYPES[self._entries[name][1]["dtype"]])
 
+    def file(self, name: str) -> str:
+        """The file that holds tensor `name`."""
+        return self._entries[name][0]
+
     def get(self, name: str) -> np.ndarray:
         fname, info, start = self._entries[name]
         if fname not in self._maps:
@@ -92,12 +105,84 @@ class SafetensorsReader:
         return raw.view(self.dtype(name)).reshape(info["shape"])
 
 
+def _index_files(index: str) -> list[str]:
+    """The shard file names of an HF index file (`ValueError` naming it when malformed)."""
+    with open(index, "rb") as f:
+        raw = f.read()
+    try:
+        content = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{index}: not valid JSON ({e})") from e
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: not a safetensors index (no 'weight_map' of tensor -> file name)")
+    return sorted(set(weight_map.values()))
+
+
 def read_header(fname: str) -> tuple[dict[str, Any], int]:
-    """The JSON header of a safetensors file and the byte offset where its data begins."""
+    """The JSON header of a safetensors file and the byte offset where its data begins.
+
+    Raises:
+      ValueError: naming `fname` (and the tensor, where one is at fault) when the file is
+        truncated (in the header, or before the end of a tensor's bytes), the header is not
+        JSON, or an entry has an unknown dtype or a byte range that does not fit its shape.
+    """
+    size = os.path.getsize(fname)
     with open(fname, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return header, 8 + n
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{fname}: truncated safetensors file ({size} bytes, not even the "
+                             "8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER:
+            raise ValueError(f"{fname}: not a safetensors file (its first 8 bytes give a header "
+                             f"length of {n} bytes)")
+        if 8 + n > size:
+            raise ValueError(f"{fname}: truncated safetensors file (the header needs {8 + n} "
+                             f"bytes, the file has {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{fname}: the safetensors header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{fname}: the safetensors header is not a JSON object")
+    start = 8 + n
+    for name, info in header.items():
+        if name != "__metadata__":
+            _check_entry(fname, name, info, size - start)
+    return header, start
+
+
+_MAX_HEADER = 100_000_000  # the limit of the `safetensors` package
+
+
+def _check_entry(fname: str, name: str, info: Any, data_bytes: int) -> None:
+    """Raises `ValueError` naming `fname` and tensor `name` if its header entry is malformed
+    or its bytes lie beyond the `data_bytes` the file holds after the header."""
+
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(info, dict):
+        raise ValueError(f"{fname}: tensor {name}: malformed header entry {str(info)[:80]}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPES:
+        raise ValueError(f"{fname}: tensor {name}: unsupported dtype {dtype!r} "
+                         f"(supported: {', '.join(DTYPES)})")
+    if not isinstance(shape, list) or not all(is_int(d) for d in shape):
+        raise ValueError(f"{fname}: tensor {name}: malformed shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(is_int(o) for o in offsets)
+            or offsets[0] > offsets[1]):
+        raise ValueError(f"{fname}: tensor {name}: malformed data_offsets {offsets!r}")
+    begin, end = offsets
+    nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+    if end - begin != nbytes:
+        raise ValueError(f"{fname}: tensor {name}: data_offsets [{begin}, {end}] hold {end - begin} "
+                         f"bytes, but shape {shape} {dtype} needs {nbytes}")
+    if end > data_bytes:
+        raise ValueError(f"{fname}: truncated safetensors file: tensor {name} needs bytes "
+                         f"[{begin}, {end}) of the data, which has only {data_bytes}")
 
 
 def write_safetensors(

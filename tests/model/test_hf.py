@@ -9,6 +9,7 @@ logits spread out (std ~1) and any mis-mapped tensor moves them far beyond the t
 
 import json
 import os
+import re
 import shutil
 
 import flax.linen as nn
@@ -343,3 +344,273 @@ def test_cli_import_export(hf_case, tmp_path):
     tokens = _tokens((1, 10), seed=3)
     np.testing.assert_allclose(_torch_logits(m2, tokens), _torch_logits(m, tokens), atol=1e-5, rtol=0)
     assert cli(["import", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+
+
+# ----------------------------------------------------------------------------------------
+# bad input: one `error:` line naming the file (and field / tensor), exit code 2, nothing lost
+
+
+def _cli_error(capsys, argv) -> str:
+    """Runs the CLI on `argv`, which must fail with exit code 2 and one `error:` line."""
+    capsys.readouterr()
+    assert cli(argv) == 2
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
+    assert not out.out
+    return lines[0]
+
+
+def _copy(path, dst, config=None, drop=()):
+    """A copy of checkpoint dir `path` with config.json entries `config` set (None: deleted)
+    and `drop` deleted."""
+    shutil.copytree(path, dst)
+    fname = os.path.join(dst, "config.json")
+    with open(fname) as f:
+        c = json.load(f)
+    for k in drop:
+        del c[k]
+    c.update(config or {})
+    with open(fname, "w") as f:
+        json.dump(c, f)
+    return str(dst)
+
+
+@pytest.mark.parametrize("drop,config,field", [
+    (("hidden_size",), None, "missing required field 'hidden_size'"),
+    (("num_hidden_layers",), None, "missing required field 'num_hidden_layers'"),
+    ((), {"num_attention_heads": None}, "missing required field 'num_attention_heads'"),
+    ((), {"hidden_size": "32"}, "field 'hidden_size' must be an integer >= 1, got '32'"),
+    ((), {"rms_norm_eps": [1e-6]}, "field 'rms_norm_eps' must be a number > 0"),
+    ((), {"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
+     "missing required field 'rope_parameters.low_freq_factor'"),
+    ((), {"quantization_config": {"quant_method": "fp8", "weight_block_size": "128"}},
+     "field 'quantization_config.weight_block_size' must be"),
+])
+def test_config_json_missing_or_bad_field(hf_case, tmp_path, capsys, drop, config, field):
+    """A config.json without a required field, or with one of the wrong type: a ValueError
+    naming the file and the field (not a TypeError deep in the translation)."""
+    _, path = hf_case("qwen2")
+    bad = _copy(path, tmp_path / "bad", config, drop)
+    fname = os.path.join(bad, "config.json")
+    with pytest.raises(ValueError, match=re.escape(f"{fname}: ") + ".*" + re.escape(field)):
+        hf.load(bad)
+    line = _cli_error(capsys, ["import", bad, str(tmp_path / "dst")])
+    assert fname in line and field in line
+    assert not os.path.exists(tmp_path / "dst")
+
+
+def test_config_json_missing_field_mla_and_moe(hf_case, tmp_path):
+    """The fields MLA and MoE need are required too (all missing ones listed)."""
+    _, path = hf_case("deepseek_v3_no_q_lora")
+    bad = _copy(path, tmp_path / "ds", drop=("kv_lora_rank", "num_experts_per_tok"))
+    with pytest.raises(ValueError, match="missing required field 'kv_lora_rank'; missing required "
+                                         "field 'num_experts_per_tok'"):
+        hf.load(bad)
+    _, path = hf_case("qwen3_moe")
+    bad = _copy(path, tmp_path / "qm", drop=("num_local_experts",))
+    with pytest.raises(ValueError, match="config.json: missing required field 'num_experts'"):
+        hf.load(bad)
+
+
+@pytest.mark.parametrize("content", ['{"hidden_size": 32,', "[1, 2]", "\xff\xfe"])
+def test_config_json_not_json(hf_case, tmp_path, capsys, content):
+    _, path = hf_case("qwen2")
+    bad = str(tmp_path / "bad")
+    shutil.copytree(path, bad)
+    with open(os.path.join(bad, "config.json"), "w", encoding="latin-1") as f:
+        f.write(content)
+    with pytest.raises(ValueError, match=re.escape(os.path.join(bad, "config.json"))):
+        hf.load(bad)
+    assert os.path.join(bad, "config.json") in _cli_error(capsys, ["import", bad, str(tmp_path / "d")])
+
+
+def _damaged(path, dst, fn):
+    """A copy of checkpoint dir `path` whose model.safetensors bytes are `fn(bytes)`."""
+    shutil.copytree(path, dst)
+    fname = os.path.join(dst, "model.safetensors")
+    with open(fname, "rb") as f:
+        data = f.read()
+    with open(fname, "wb") as f:
+        f.write(fn(data))
+    return str(dst), fname
+
+
+def test_truncated_or_malformed_safetensors(hf_case, tmp_path, capsys):
+    """Cut in the header, cut in the data (the last tensor's bytes missing), a header that
+    is not JSON, a header length beyond the file: a ValueError naming the file (and the
+    tensor), checked when the file is opened; the CLI prints it as one line."""
+    _, path = hf_case("qwen2")
+    header, start = safetensors_io.read_header(os.path.join(path, "model.safetensors"))
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
+    n = start - 8
+    cases = {
+        "header_cut": (lambda d: d[: 8 + n // 2], "truncated safetensors file"),
+        "length_cut": (lambda d: d[:5], "truncated safetensors file"),
+        "data_cut": (lambda d: d[:-1], f"truncated safetensors file: tensor {last} "),
+        "not_json": (lambda d: d[:8] + b"#" + d[9:], "header is not valid JSON"),
+        "huge_length": (lambda d: (2**40).to_bytes(8, "little") + d[8:], "not a safetensors file"),
+    }
+    for name, (fn, msg) in cases.items():
+        bad, fname = _damaged(path, tmp_path / name, fn)
+        with pytest.raises(ValueError, match=re.escape(f"{fname}: ") + ".*" + re.escape(msg)):
+            safetensors_io.SafetensorsReader(bad)
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            hf.load(bad)
+        dst = str(tmp_path / f"{name}_dst")
+        line = _cli_error(capsys, ["import", bad, dst])
+        assert fname in line and msg in line
+        assert not os.path.exists(dst)
+
+
+def test_malformed_safetensors_entries(hf_case, tmp_path):
+    """Header entries with an unknown dtype or a byte range that does not fit the shape,
+    and an index that names a missing shard, name the file and the tensor."""
+    _, path = hf_case("qwen2")
+
+    def edit(entry):
+        def fn(data):
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + n])
+            header["model.norm.weight"].update(entry)
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (n - len(blob))
+            assert len(blob) == n
+            return data[:8] + blob + data[8 + n:]
+        return fn
+
+    for name, entry, msg in [
+        ("dtype", {"dtype": "F4"}, "tensor model.norm.weight: unsupported dtype 'F4'"),
+        ("shape", {"shape": [33]}, "tensor model.norm.weight: data_offsets"),
+    ]:
+        bad, fname = _damaged(path, tmp_path / name, edit(entry))
+        with pytest.raises(ValueError, match=re.escape(f"{fname}: {msg}")):
+            hf.load(bad)
+    _, path = hf_case("qwen3_moe")  # sharded, with an index
+    bad = str(tmp_path / "index")
+    shutil.copytree(path, bad)
+    shard = sorted(n for n in os.listdir(bad) if n.endswith(".safetensors"))[-1]
+    os.remove(os.path.join(bad, shard))
+    with pytest.raises(ValueError, match=re.escape(f"model.safetensors.index.json: names the shard "
+                                                   f"'{shard}'")):
+        hf.load(bad)
+
+
+def test_weight_dtypes_are_checked(hf_case, tmp_path, capsys):
+    """Every tensor read is a float weight: an int32 one (or float8 outside a block-FP8
+    checkpoint, or without its scale) is an error naming the tensor, not a silent cast."""
+    _, path = hf_case("qwen2")
+    reader = safetensors_io.SafetensorsReader(path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    bad = str(tmp_path / "int")
+    _rewrite(path, bad, add={name: np.asarray(reader.get(name)).astype(np.int32)})
+    with pytest.raises(ValueError, match=re.escape(f"{name} (model.safetensors, int32): not a "
+                                                   "floating-point dtype")):
+        hf.load(bad)
+    line = _cli_error(capsys, ["import", bad, str(tmp_path / "d")])
+    assert name in line and "int32" in line
+    fp8 = {name: np.asarray(reader.get(name)).astype(ml_dtypes.float8_e4m3fn)}
+    _rewrite(path, str(tmp_path / "fp8_plain"), add=fp8)
+    with pytest.raises(ValueError, match=re.escape(name) + ".*float8 without a block-FP8"):
+        hf.load(str(tmp_path / "fp8_plain"))
+    quant = {"quantization_config": {"quant_method": "fp8", "weight_block_size": [4, 8]}}
+    _rewrite(path, str(tmp_path / "fp8_noscale"), add=fp8, config=quant)
+    with pytest.raises(ValueError, match=re.escape(f"float8 without its {name}_scale_inv")):
+        hf.load(str(tmp_path / "fp8_noscale"))
+    scale = {name + "_scale_inv": np.ones((2, 2), np.float32)}  # [32, 32] in 4x8 blocks: (8, 4)
+    _rewrite(path, str(tmp_path / "fp8_badscale"), add=fp8 | scale, config=quant)
+    with pytest.raises(ValueError, match=re.escape(f"{name}_scale_inv: shape (2, 2)") + ".*needs \\(8, 4\\)"):
+        hf.load(str(tmp_path / "fp8_badscale"))
+
+
+def test_stacked_tensor_shapes_are_checked(hf_case, tmp_path):
+    """An expert whose shape differs from the others it is stacked with names the tensor."""
+    _, path = hf_case("qwen3_moe")
+    name = "model.layers.1.mlp.experts.3.up_proj.weight"
+    bad = str(tmp_path / "bad")
+    _rewrite(path, bad, add={name: np.zeros((17, 32), np.float32)})
+    with pytest.raises(ValueError, match=re.escape(f"tensor {name} (17, 32) does not match")):
+        hf.load(bad)
+
+
+def test_cli_bad_sources_and_destinations(hf_case, tmp_path, capsys, monkeypatch):
+    """Missing or wrong SRC, a DST that is a file or already holds something (never
+    overwritten: its files stay as they were), bad arguments: one `error:` line, exit 2.
+    An empty DST is fine; a run that fails while writing leaves no half-written DST."""
+    _, path = hf_case("qwen2")
+    a_file = str(tmp_path / "a_file")
+    with open(a_file, "w") as f:
+        f.write("keep")
+    orbax_dir = str(tmp_path / "orbax")
+    os.makedirs(orbax_dir)  # empty: accepted
+    assert cli(["import", path, orbax_dir]) == 0
+    exported = str(tmp_path / "exported")
+    assert cli(["export", orbax_dir, exported]) == 0
+
+    def snapshot(d):
+        out = {}
+        for root, _, files in os.walk(d):
+            for n in files:
+                with open(os.path.join(root, n), "rb") as f:
+                    out[os.path.relpath(os.path.join(root, n), d)] = f.read()
+        return out
+
+    before = {d: snapshot(d) for d in (orbax_dir, exported)}
+    for argv, expect in [
+        (["import", str(tmp_path / "nowhere"), str(tmp_path / "x")], "nowhere is not a Hugging Face"),
+        (["import", a_file, str(tmp_path / "x")], "a_file is not a Hugging Face"),
+        (["import", path, a_file], f"destination {a_file} exists and is not a directory"),
+        (["import", path, orbax_dir], f"destination {orbax_dir} is not empty"),
+        (["import", path, exported], f"destination {exported} is not empty"),
+        (["import", path, os.path.join(a_file, "sub")], f"{a_file} is not a directory"),
+        (["export", orbax_dir, exported], f"destination {exported} is not empty"),
+        (["export", orbax_dir, a_file], f"destination {a_file} exists and is not a directory"),
+        (["export", str(tmp_path / "nowhere"), str(tmp_path / "x")], "is not a model.hf Orbax"),
+        (["export", exported, str(tmp_path / "x")], "is not a model.hf Orbax"),
+        (["import", path, str(tmp_path / "x"), "--mesh", "fsdp=two"], "--mesh 'fsdp=two'"),
+        (["import", path], "the following arguments are required: dst"),
+        (["export", orbax_dir, str(tmp_path / "x"), "--dtype", "int8"], "invalid choice: 'int8'"),
+        ([], "the following arguments are required: command"),
+    ]:
+        assert expect in _cli_error(capsys, argv), argv
+    assert {d: snapshot(d) for d in before} == before
+    assert not os.path.exists(tmp_path / "x")
+    with open(a_file) as f:
+        assert f.read() == "keep"
+
+    # an Orbax checkpoint whose config does not fit its arrays, or whose arrays are corrupt
+    mismatched = str(tmp_path / "mismatched")
+    shutil.copytree(orbax_dir, mismatched)
+    fname = os.path.join(mismatched, "model_config.json")
+    with open(fname) as f:
+        c = json.load(f)
+    with open(fname, "w") as f:
+        json.dump(c | {"d_model": 64}, f)
+    line = _cli_error(capsys, ["export", mismatched, str(tmp_path / "x")])
+    assert fname in line and "params/embed/embedding: stored (96, 32), config (96, 64)" in line
+    with open(fname, "w") as f:
+        json.dump(c | {"no_such_field": 1}, f)
+    assert f"{fname}: unknown ModelConfig field(s): no_such_field" in _cli_error(
+        capsys, ["export", mismatched, str(tmp_path / "x")])
+    corrupt = str(tmp_path / "corrupt")
+    shutil.copytree(orbax_dir, corrupt)
+    for root, _, files in os.walk(os.path.join(corrupt, "variables")):
+        for n in files:
+            with open(os.path.join(root, n), "wb") as f:
+                f.write(b"garbage")
+    assert "corrupt" in _cli_error(capsys, ["export", corrupt, str(tmp_path / "x")])
+    assert not os.path.exists(tmp_path / "x")
+
+    # a failure while writing (here: the disk fills up) removes what was written
+    import model.hf.checkpoint as checkpoint
+
+    def full(*_):
+        raise OSError(28, "No space left on device", "tokenizer.json")
+
+    monkeypatch.setattr(checkpoint, "copy_tokenizer", full)
+    assert "tokenizer.json: No space left on device" in _cli_error(
+        capsys, ["import", path, str(tmp_path / "x")])
+    assert not os.path.exists(tmp_path / "x")
+    os.makedirs(tmp_path / "empty")
+    assert "No space left" in _cli_error(capsys, ["export", orbax_dir, str(tmp_path / "empty")])
+    assert os.listdir(tmp_path / "empty") == []
