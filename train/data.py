@@ -31,7 +31,21 @@ None with the "byte" default).
 Held-out split: a text document goes to eval when crc32(name) % 1000 < `eval_permille`
 (name: the path, relative to the stdlib root for `stdlib`; `path:index` for a record);
 if none does, the last document is held out. For token sources the last `eval_permille`
-thousandths of the tokens are the eval split.
+thousandths of the tokens are the eval split. An eval split is wanted when
+`eval_permille > 0` and `DataPipeline(eval_batches=n)` has n != 0 (None, the default:
+n = 1). Where that split leaves no training document (a single-file corpus is one
+document; or every name hashes into eval), or no eval token while one is wanted, the
+split goes inside the documents instead, deterministically: the corpus (all documents end
+to end, in order) is cut at one token and the tokens after the cut are the eval split (the
+document cut in two goes in part to each side; a piece's first token is never a target,
+so no token is both trained on and evaluated). The eval split then holds
+E = max(total * eval_permille // 1000, min(n * batch_size * seq_len + 1, total // 2), 2)
+tokens (the middle term: enough for the n eval batches asked for, at most half the
+corpus), lowered so that the training split keeps one row of `seq_len + 1` tokens (if the
+corpus has fewer than `seq_len + 3`, the eval split is its last 2 tokens). With no eval
+split wanted and no training document, every document trains. A corpus with no training
+row holding a target (under 2 tokens for training, plus 2 for an eval split where one is
+wanted) is a `UserError` naming the files and their sizes.
 
 Packing (`pack_documents`): documents are laid out greedily, in order, into rows of
 `seq_len + 1` tokens. A document goes into the current row when it fits in the space left;
@@ -65,6 +79,7 @@ import sysconfig
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import grain
 import numpy as np
@@ -201,10 +216,33 @@ class Corpus:
     vocab_size: int
     eos_id: int  # -1: none (a token source without EOS: documents end at file/record ends)
     tokenizer: Tokenizer | None
+    # How train and eval were split: "documents" (text: by name), "tokens" (token sources:
+    # the last tokens), "in-document" (the fallback of the module docstring), "none".
+    split: str = "documents"
 
 
-def load_corpus(data_cfg) -> Corpus:
-    """Reads, tokenizes and splits the configured source (see the module docstring)."""
+@dataclasses.dataclass
+class _Loaded:
+    """A source read and tokenized: every document in corpus order, its first split."""
+
+    shards: list[np.ndarray]
+    docs: Documents
+    train: Documents
+    eval: Documents
+    split: str
+    vocab_size: int
+    eos_id: int
+    tokenizer: Tokenizer | None
+    files: list[Path]  # for the too-small error
+    sizes: list[str]  # the size of each file, in words ("12 bytes", "7 tokens")
+
+
+def load_corpus(data_cfg, eval_tokens: int = 2, row_tokens: int = 2) -> Corpus:
+    """Reads, tokenizes and splits the configured source (see the module docstring).
+
+    `eval_tokens`: how many tokens an in-document eval split should hold at least (0: no
+    eval split is wanted); `row_tokens`: the width of a training row, which such a split
+    leaves to the training split when the corpus has that many to spare."""
     source = str(data_cfg.source)
     if source not in SOURCES:
         raise UserError(f"config.data.source={source!r} must be one of {', '.join(SOURCES)}")
@@ -215,9 +253,61 @@ def load_corpus(data_cfg) -> Corpus:
         source == "arrayrecord" and _record_format(data_cfg) == "tokens"
     )
     if is_tokens:
-        return _token_corpus(data_cfg, source, permille)
-    tok = make_tokenizer(data_cfg.tokenizer, str(data_cfg.get("eos_token", "")))
-    return _text_corpus(data_cfg, source, tok, permille)
+        loaded = _token_corpus(data_cfg, source, permille)
+    else:
+        tok = make_tokenizer(data_cfg.tokenizer, str(data_cfg.get("eos_token", "")))
+        loaded = _text_corpus(data_cfg, source, tok, permille)
+    train, held, split = _final_split(loaded, permille, int(eval_tokens), int(row_tokens))
+    return Corpus(loaded.shards, train, held, loaded.vocab_size, loaded.eos_id,
+                  loaded.tokenizer, split)
+
+
+def _cut(docs: Documents, cut: int) -> tuple[Documents, Documents]:
+    """The documents end to end split at corpus token `cut`: those before it (the one
+    straddling it shortened) and those after it (the straddling one's rest)."""
+    if len(docs) == 0:
+        return docs, docs
+    begin = np.concatenate([[0], np.cumsum(docs.length)[:-1]]).astype(np.int64)
+    before, after = begin < cut, begin + docs.length > cut
+    head, tail = docs.take(before), docs.take(after)
+    skip = np.maximum(cut - begin[after], 0)
+    return (
+        Documents(head.shard, head.start, np.minimum(head.length, cut - begin[before])),
+        Documents(tail.shard, tail.start + skip, tail.length - skip),
+    )
+
+
+def _final_split(
+    c: _Loaded, permille: int, eval_tokens: int, row_tokens: int
+) -> tuple[Documents, Documents, str]:
+    """The first split when it holds training documents (and eval ones, when wanted), else
+    everything for training (no eval wanted) or the in-document split (module docstring)."""
+    wanted = permille > 0 and eval_tokens > 0
+    train, held, split = c.train, c.eval, c.split
+    total = int(c.docs.length.sum())
+    if not (len(train) and (len(held) or not wanted)):
+        if wanted:
+            if total < 4:
+                _too_small(c, total, wanted)
+            size = max(total * permille // 1000, min(eval_tokens, total // 2), 2)
+            size = min(size, total - min(max(row_tokens, 2), total - 2))  # >= 2
+            (train, held), split = _cut(c.docs, total - size), "in-document"
+        else:
+            train, held, split = c.docs, c.docs.take(slice(0, 0)), "none"
+    if not (train.length >= 2).any():  # no training row holds a target
+        _too_small(c, total, wanted)
+    return train, held, split if len(held) else "none"
+
+
+def _too_small(c: _Loaded, total: int, wanted: bool) -> NoReturn:
+    listed = [f"{f} ({n})" for f, n in zip(c.files[:4], c.sizes[:4], strict=True)]
+    if len(c.files) > 4:
+        listed.append(f"... {len(c.files) - 4} more")
+    raise UserError(
+        f"config.data: the corpus is too small for one training row: {', '.join(listed)}: "
+        f"{total} tokens in all; a training row needs 2 or more"
+        + (" and the eval split 2 more (config.data.eval_permille=0: none)" if wanted else "")
+    )
 
 
 def _record_format(data_cfg) -> str:
@@ -253,7 +343,7 @@ def _storage_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
-def _text_corpus(data_cfg, source: str, tok: Tokenizer, permille: int) -> Corpus:
+def _text_corpus(data_cfg, source: str, tok: Tokenizer, permille: int) -> _Loaded:
     files = _text_sources(data_cfg, source)
     cache = _cache_path(data_cfg, tok, files)
     if cache is not None and os.path.exists(cache):
@@ -273,9 +363,18 @@ def _text_corpus(data_cfg, source: str, tok: Tokenizer, permille: int) -> Corpus
         is_eval[-1] = True  # nothing hashed into eval: hold out the last document
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     docs = Documents(np.zeros(len(lengths), np.int32), starts, lengths.astype(np.int64))
-    return Corpus(
-        [tokens], docs.take(~is_eval), docs.take(is_eval), tok.vocab_size, tok.eos_id, tok
+    return _Loaded(
+        [tokens], docs, docs.take(~is_eval), docs.take(is_eval), "documents",
+        tok.vocab_size, tok.eos_id, tok, files, [_file_size(f) for f in files],
     )
+
+
+def _file_size(path: Path) -> str:
+    try:
+        n = path.stat().st_size
+    except OSError:
+        return "size unknown"
+    return f"{n} byte{'s' * (n != 1)}"
 
 
 def _tokenize(source, files, tok, permille, chunk: int = 512):
@@ -322,7 +421,7 @@ def _cache_path(data_cfg, tok: Tokenizer, files: list[Path]) -> str | None:
     return os.path.join(os.path.expanduser(cache_dir), f"tokens-{h.hexdigest()[:24]}.npz")
 
 
-def _token_corpus(data_cfg, source: str, permille: int) -> Corpus:
+def _token_corpus(data_cfg, source: str, permille: int) -> _Loaded:
     dtype = _token_dtype(data_cfg)
     tok = None if str(data_cfg.tokenizer) == "byte" else make_tokenizer(
         data_cfg.tokenizer, str(data_cfg.get("eos_token", ""))
@@ -339,7 +438,8 @@ def _token_corpus(data_cfg, source: str, permille: int) -> Corpus:
     # shards: token arrays; ends: extra document ends inside a shard (record ends).
     shards: list[np.ndarray] = []
     ends: list[np.ndarray] = []
-    for f in _paths(data_cfg, (".bin", ".npy") if source == "bin" else None):
+    files = _paths(data_cfg, (".bin", ".npy") if source == "bin" else None)
+    for f in files:
         if source == "arrayrecord":
             recs = _records(f)
             if any(len(r) % dtype.itemsize for r in recs):
@@ -366,13 +466,9 @@ def _token_corpus(data_cfg, source: str, permille: int) -> Corpus:
     total = sum(len(s) for s in shards)
     if total == 0:
         raise UserError(f"config.data.paths: source {source!r} holds no tokens")
-    cut = total - total * permille // 1000
-    shard_ids, starts, lengths, evals = [], [], [], []
-    offset = 0
+    shard_ids, starts, lengths = [], [], []
     for k, arr in enumerate(shards):
         bounds = np.concatenate([eos_pos[k], ends[k]])
-        if offset < cut < offset + len(arr):
-            bounds = np.append(bounds, cut - offset)
         bounds = np.unique(bounds[(bounds > 0) & (bounds <= len(arr))])
         if len(bounds) == 0:  # an empty file
             continue
@@ -380,14 +476,13 @@ def _token_corpus(data_cfg, source: str, permille: int) -> Corpus:
         shard_ids.append(np.full(len(bounds), k, np.int32))
         starts.append(begin)
         lengths.append(bounds - begin)
-        evals.append(offset + begin >= cut)
-        offset += len(arr)
     docs = Documents(
         np.concatenate(shard_ids), np.concatenate(starts).astype(np.int64),
         np.concatenate(lengths).astype(np.int64),
     )
-    is_eval = np.concatenate(evals)
-    return Corpus(shards, docs.take(~is_eval), docs.take(is_eval), vocab, eos, tok)
+    train, held = _cut(docs, total - total * permille // 1000)
+    sizes = [f"{len(a)} token{'s' * (len(a) != 1)}" for a in shards]
+    return _Loaded(shards, docs, train, held, "tokens", vocab, eos, tok, files, sizes)
 
 
 def _load_bin(path: Path, dtype: np.dtype) -> np.ndarray:
@@ -555,6 +650,10 @@ class DataPipeline:
     `batch(step)` and `eval_batches(n)` return numpy dicts (`inputs`, `targets`,
     `positions`, `segment_ids`, `mask`, each `[global_batch / process_count, seq_len]`)
     holding rows `[process_index * B/P, (process_index + 1) * B/P)` of the global batch.
+
+    `eval_batches`: how many eval batches the caller will ask for (0: none, so no eval split
+    is needed; None: one). It only matters where the split goes inside the documents (see
+    the module docstring), which then holds out enough tokens for them (at most half).
     """
 
     def __init__(
@@ -565,6 +664,7 @@ class DataPipeline:
         seed: int,
         process_index: int = 0,
         process_count: int = 1,
+        eval_batches: int | None = None,
     ):
         seq_len, global_batch = int(seq_len), int(global_batch)
         if seq_len < 1:
@@ -580,12 +680,16 @@ class DataPipeline:
         self.process_index, self.process_count = int(process_index), int(process_count)
         self.local_batch = global_batch // process_count
         self.source = str(data_cfg.source)
-        self.corpus = corpus = load_corpus(data_cfg)
+        n_eval = 1 if eval_batches is None else max(int(eval_batches), 0)
+        # n_eval batches of global_batch rows; a long piece fills a row per seq_len tokens.
+        eval_tokens = n_eval * global_batch * seq_len + 1 if n_eval else 0
+        self.corpus = corpus = load_corpus(data_cfg, eval_tokens, seq_len + 1)
         self.tokenizer = corpus.tokenizer
         self.vocab_size, self.eos_id = corpus.vocab_size, corpus.eos_id
         self.train_rows = PackedRows(corpus.shards, corpus.train, seq_len + 1)
         self.eval_rows = PackedRows(corpus.shards, corpus.eval, seq_len + 1)
-        if len(self.train_rows) == 0:
+        self.eval_permille = int(data_cfg.eval_permille)
+        if len(self.train_rows) == 0:  # load_corpus checks this: kept as a guard
             raise UserError(f"config.data: source {self.source!r} gave no training tokens")
         self._train = (
             grain.MapDataset.source(self.train_rows)
@@ -610,10 +714,16 @@ class DataPipeline:
 
     def eval_batches(self, n: int) -> list[dict[str, np.ndarray]]:
         """The first `n` batches of the eval rows in order (fewer when the split has fewer
-        rows; rows are reused when it has less than one batch): the same on every call."""
+        rows; rows are reused when it has less than one batch): the same on every call.
+        `n <= 0`: none (never an error); `n > 0` with an empty eval split: a `UserError`."""
+        if int(n) <= 0:
+            return []
         rows = len(self.eval_rows)
         if rows == 0:
-            raise UserError("the eval split is empty: raise config.data.eval_permille")
+            if self.eval_permille == 0:
+                raise UserError("the eval split is empty: raise config.data.eval_permille")
+            raise UserError("the eval split is empty: the data pipeline was built with "
+                            "eval_batches=0 (no eval split wanted)")
         n = min(int(n), max(1, rows // self.global_batch))
         ds = (
             grain.MapDataset.source(self.eval_rows)
@@ -631,4 +741,6 @@ class DataPipeline:
             f"{int(c.train.length.sum()):,} train tokens in {len(self.train_rows):,} rows of "
             f"{self.seq_len + 1} ({self.train_rows.fill():.0%} filled), vocab "
             f"{self.vocab_size}, eos {self.eos_id}"
+            + (f"; eval: the last {int(c.eval.length.sum()):,} tokens (inside the documents)"
+               if c.split == "in-document" else "")
         )

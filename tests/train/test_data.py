@@ -1,10 +1,14 @@
 """train.data: packing (by hand, every token a target once, attention never crosses
 documents in a real model), determinism and process splits, each source (stdlib, text,
 bin/npy, arrayrecord text and tokens), HF and SentencePiece tokenizers, the tokenized-corpus
-cache, and the error paths."""
+cache, the error paths, and corpora whose split goes inside the documents (one file, every
+document held out): they train, end to end too, on rows disjoint from the eval rows."""
 
 import io
+import json
 import pathlib
+import subprocess
+import sys
 import sysconfig
 import time
 import zlib
@@ -514,9 +518,145 @@ def test_unreadable_file_is_a_user_error(tmp_path, monkeypatch):
         DataPipeline(_cfg(source="text", paths=(str(d),)), 16, 2, seed=0)
 
 
-def test_batch_and_eval_errors(stdlib_cfg):
+def test_batch_and_eval_errors(stdlib_cfg, tmp_path):
     with pytest.raises(UserError, match="config.data.batch_size"):
         DataPipeline(stdlib_cfg, 32, 6, seed=0, process_count=4)
     stdlib_cfg = _cfg(source="stdlib", max_files=30, eval_permille=0)
+    pipe = DataPipeline(stdlib_cfg, 32, 8, seed=0)
     with pytest.raises(UserError, match="config.data.eval_permille"):
-        DataPipeline(stdlib_cfg, 32, 8, seed=0).eval_batches(1)
+        pipe.eval_batches(1)
+    assert pipe.eval_batches(0) == []  # asking for none is never an error
+    # Built wanting no eval split, a single file has none; asking for one says why.
+    pipe = DataPipeline(_cfg(source="text", paths=(str(_one_file(tmp_path)),)), 32, 8, seed=0,
+                        eval_batches=0)
+    with pytest.raises(UserError, match="eval_batches=0"):
+        pipe.eval_batches(1)
+
+
+# ----------------------------------------------------------------------------- one document
+
+
+def _one_file(tmp_path, lines=200):
+    """One text file of distinct lines (a single document)."""
+    p = tmp_path / "one.txt"
+    p.write_text("".join(f"line {i:05d} of the only file\n" for i in range(lines)))
+    return p
+
+
+def _targets(rows):
+    """The masked targets of every row, in row order."""
+    out = []
+    for r in range(len(rows)):
+        ex = to_example(rows[r])
+        out.extend(ex["targets"][ex["mask"] == 1].tolist())
+    return out
+
+
+@pytest.mark.parametrize("eval_batches", [None, 0, 1, 4])
+def test_single_file_corpus_trains(tmp_path, eval_batches):
+    path = _one_file(tmp_path)
+    cfg = _cfg(source="text", paths=(str(path),))  # the default eval_permille (20)
+    pipe = DataPipeline(cfg, 32, 8, seed=0, eval_batches=eval_batches)
+    b = pipe.batch(0)
+    assert b["inputs"].shape == (8, 32) and b["mask"].sum() > 0
+    total = path.stat().st_size + 1  # bytes + EOS
+    c = pipe.corpus
+    if eval_batches == 0:  # no eval split wanted: the whole file trains
+        assert c.split == "none" and len(c.eval) == 0
+        assert int(c.train.length.sum()) == total
+        assert pipe.eval_batches(0) == []
+        return
+    n = 1 if eval_batches is None else eval_batches
+    held = max(total * 20 // 1000, min(n * 8 * 32 + 1, total // 2), 2)
+    assert c.split == "in-document" and int(c.eval.length.sum()) == held
+    assert int(c.train.length.sum()) == total - held
+    assert "inside the documents" in pipe.summary()
+    evals = pipe.eval_batches(n)
+    assert len(evals) == n  # enough held out for the batches asked for
+    again = DataPipeline(cfg, 32, 8, seed=0, eval_batches=eval_batches)  # deterministic
+    np.testing.assert_array_equal(again.eval_batches(n)[-1]["inputs"], evals[-1]["inputs"])
+    np.testing.assert_array_equal(again.batch(5)["inputs"], pipe.batch(5)["inputs"])
+
+
+def test_eval_split_inside_a_document_is_disjoint_from_training_rows(tmp_path):
+    path = _one_file(tmp_path, lines=400)
+    raw = list(path.read_bytes()) + [256]
+    pipe = DataPipeline(_cfg(source="text", paths=(str(path),), eval_permille=100), 16, 4,
+                        seed=0, eval_batches=2)
+    cut = len(raw) - len(raw) * 100 // 1000  # 10% > 2 batches of 4 rows: the permille wins
+    c = pipe.corpus
+    assert (c.train.start.tolist(), c.train.length.tolist()) == ([0], [cut])
+    assert (c.eval.start.tolist(), c.eval.length.tolist()) == ([cut], [len(raw) - cut])
+    # Every token but a piece's first is a target exactly once: the training rows predict
+    # tokens [1, cut), the eval rows [cut + 1, end); none is both.
+    assert _targets(pipe.train_rows) == raw[1:cut]
+    assert _targets(pipe.eval_rows) == raw[cut + 1 :]
+    train_inputs = {t.tobytes() for s in range(len(pipe.train_rows))
+                    for t in pipe.batch(s)["inputs"]}
+    for e in pipe.eval_batches(2):
+        assert not train_inputs & {t.tobytes() for t in e["inputs"]}
+
+
+def test_one_long_document_and_every_document_held_out(tmp_path):
+    # A single long document (much longer than a row) with eval_permille=1000 keeps a row.
+    path = _one_file(tmp_path, lines=50)
+    pipe = DataPipeline(_cfg(source="text", paths=(str(path),), eval_permille=1000), 32, 2,
+                        seed=0, eval_batches=1)
+    assert int(pipe.corpus.train.length.sum()) == 33 and len(pipe.train_rows) == 1
+    assert pipe.batch(0)["mask"].sum() > 0 and len(pipe.eval_batches(1)) == 1
+    # Several documents that all hash into eval: the split goes inside them too.
+    d, _ = _write_docs(tmp_path, [f"document {i} " * 20 for i in range(3)])
+    pipe = DataPipeline(_cfg(source="text", paths=(str(d),), eval_permille=1000), 16, 2, seed=0)
+    assert pipe.corpus.split == "in-document" and len(pipe.train_rows) >= 1
+    assert _targets(pipe.train_rows) and pipe.eval_batches(1)
+    # A token file whose permille share rounds to no token: the split moves inside it too.
+    (tmp_path / "t.bin").write_bytes(np.arange(1, 41, dtype=np.uint16).tobytes())
+    pipe = DataPipeline(_cfg(source="bin", paths=(str(tmp_path / "t.bin"),), eval_permille=20),
+                        8, 1, seed=0)
+    assert _pieces(pipe.eval_rows) == [list(range(32, 41))]  # min(1 * 1 * 8 + 1, 40 // 2)
+    assert sum(_pieces(pipe.train_rows), [])[-1] == 31
+
+
+def test_multi_document_split_does_not_depend_on_eval_batches(tmp_path, stdlib_cfg):
+    d, _ = _write_docs(tmp_path, [f"text document {i}\n" * (i + 1) for i in range(12)])
+    for cfg in (stdlib_cfg, _cfg(source="text", paths=(str(d),), eval_permille=100)):
+        pipes = [DataPipeline(cfg, 32, 4, seed=0, eval_batches=n) for n in (None, 0, 4)]
+        for p in pipes:
+            assert p.corpus.split == "documents" and len(p.corpus.eval) > 0
+            for k in ("start", "length"):
+                np.testing.assert_array_equal(getattr(p.corpus.train, k),
+                                              getattr(pipes[0].corpus.train, k))
+                np.testing.assert_array_equal(getattr(p.corpus.eval, k),
+                                              getattr(pipes[0].corpus.eval, k))
+            np.testing.assert_array_equal(p.batch(3)["inputs"], pipes[0].batch(3)["inputs"])
+
+
+def test_corpus_too_small_for_a_training_row(tmp_path):
+    (tmp_path / "a.txt").write_text("a")  # 2 tokens: "a" and EOS
+    cfg = _cfg(source="text", paths=(str(tmp_path / "a.txt"),))
+    with pytest.raises(UserError) as e:
+        DataPipeline(cfg, 16, 2, seed=0)
+    msg = str(e.value)
+    assert "a.txt (1 byte)" in msg and "2 tokens" in msg and "\n" not in msg
+    assert "config.data.eval_permille" in msg
+    # With no eval split wanted, 2 tokens make a training row (one target).
+    assert DataPipeline(cfg, 16, 2, seed=0, eval_batches=0).batch(0)["mask"][0].sum() == 1
+    (tmp_path / "one.bin").write_bytes(np.array([7], np.uint16).tobytes())
+    with pytest.raises(UserError, match=r"one\.bin \(1 token\).*too small|too small.*one\.bin"):
+        DataPipeline(_cfg(source="bin", paths=(str(tmp_path / "one.bin"),), eval_permille=0),
+                     16, 2, seed=0)
+
+
+def test_single_file_trains_end_to_end(tmp_path, tiny_args, cpu_env, root):
+    """`python -m train` on one text file: the eval split goes inside it, 3 steps, exit 0."""
+    path = _one_file(tmp_path, lines=300)
+    work = tmp_path / "w"
+    r = subprocess.run(
+        [sys.executable, "-m", "train", *tiny_args, "--config.data.source=text",
+         f"--config.data.paths=('{path}',)", "--config.train.steps=3",
+         "--config.optim.warmup_steps=1", f"--config.workdir={work}"],
+        cwd=root, env=cpu_env(1), capture_output=True, text=True, timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = json.loads((work / "final_metrics.json").read_text())
+    assert np.isfinite(final["loss"]) and np.isfinite(final["eval_loss"])  # evaluated at step 3
