@@ -3,6 +3,9 @@ in-graph sampler (`rl.sampling.sample`) and the byte tokenizer; `load` reads a r
 and checkpoint.
 
     python -m rl.generate --workdir runs/rl_arith --prompt "12+34=" [--temperature 0.7]
+
+Without `--max-new-tokens` a completion may run to the end of the model's context
+(`max_seq_len`) after the longest prompt.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ def generate_text(
     variables: Any,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -34,8 +37,10 @@ def generate_text(
     EOS; invalid UTF-8 is replaced. An empty prompt is given as a lone EOS (the document
     separator of the training data), i.e. "start of a document".
 
-    All prompts run as one batch in one jitted call (right-padded to the longest). Raises
-    ValueError when the longest prompt plus `max_new_tokens` exceeds the model's
+    All prompts run as one batch in one jitted call (right-padded to the longest).
+    `max_new_tokens=None`: as many as fit in the model's `max_seq_len` after the longest
+    prompt. Raises ValueError (naming the prompt) when a prompt leaves no room for a new
+    token, or when the longest prompt plus an explicit `max_new_tokens` exceeds
     `max_seq_len`.
     """
     tok = ByteTokenizer()
@@ -43,6 +48,7 @@ def generate_text(
     if not ids:
         return []
     width = max(len(x) for x in ids)
+    max_new_tokens = _budget(prompts, ids, max_new_tokens, model.cfg.max_seq_len)
     batch = np.full((len(ids), width), tok.eos_id, np.int32)
     for i, x in enumerate(ids):
         batch[i, : len(x)] = x
@@ -62,6 +68,34 @@ def generate_text(
         end = np.flatnonzero(row == tok.eos_id)
         texts.append(tok.decode(row[: end[0]] if len(end) else row))
     return texts
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _budget(prompts: Sequence[str], ids: Sequence[np.ndarray], max_new_tokens: int | None,
+            max_seq_len: int) -> int:
+    """The completion budget: `max_new_tokens`, or (None) what fits after the longest prompt;
+    ValueError when a prompt leaves no room or an explicit budget does not fit."""
+    lens = [len(x) for x in ids]
+    full = [f"{_short(p)} ({n} tokens)" for p, n in zip(prompts, lens, strict=True)
+            if n >= max_seq_len]
+    if full:
+        raise ValueError(f"prompt{'s' if len(full) > 1 else ''} {', '.join(full)} "
+                         f"{'leave' if len(full) > 1 else 'leaves'} no room for a new token "
+                         f"in the model's max_seq_len={max_seq_len}")
+    longest = int(np.argmax(lens))
+    room = max_seq_len - lens[longest]
+    if max_new_tokens is None:
+        return room
+    n = int(max_new_tokens)
+    if n > room:
+        raise ValueError(
+            f"the longest prompt {_short(prompts[longest])} ({lens[longest]} tokens) + "
+            f"max_new_tokens {n} = {lens[longest] + n} exceeds the model's max_seq_len="
+            f"{max_seq_len} (at most {room} new tokens fit)")
+    return n
 
 
 def load(workdir: str, step: int | None = None) -> tuple[Transformer, dict[str, Any]]:
@@ -105,7 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m rl.generate", description=main.__doc__)
     ap.add_argument("--workdir", required=True, help="a training or RL run directory")
     ap.add_argument("--prompt", action="append", required=True, help="repeatable")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=None,
+                    help="default: as many as fit in the model's max_seq_len after the "
+                         "longest prompt")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
