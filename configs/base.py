@@ -77,7 +77,10 @@ def get_config() -> ConfigDict:
         )
     )
 
-    c.checkpoint = ConfigDict(dict(every=100, keep=3, async_save=True))
+    # restore_step: resume from this saved step instead of the latest (e.g. when the latest
+    # is reported corrupt); later steps are set aside as `<step>.set-aside`, never deleted.
+    c.checkpoint = ConfigDict(dict(every=100, keep=3, async_save=True,
+                                   restore_step=placeholder(int)))
 
     # Multi-host: every process runs the same command with its own process_id.
     c.distributed = ConfigDict(

@@ -45,6 +45,7 @@ from train.errors import UserError
 from train.metrics import MetricWriter, drop_metrics_after, to_python
 from train.runner import Cadence, Job, on_preemption, run_steps, write_final_metrics
 from train.step import StepOptions, TrainState, make_train_step
+from train.validate import validate
 
 __all__ = ["make_options", "make_task_from_config", "restore_variables", "run"]
 
@@ -124,6 +125,7 @@ def restore_variables(
 def run(config: ConfigDict) -> dict[str, Any]:
     """RL per `config`; returns the last logged metrics. Resumes from the latest
     checkpoint in `config.workdir` when there is one."""
+    validate(config)  # every numeric field, before anything is written
     cfg = setup.model_config(config)
     r = config.rl
     task = make_task_from_config(r)
@@ -142,10 +144,11 @@ def run(config: ConfigDict) -> dict[str, Any]:
         opt_cfg.total_steps = steps * opts.updates_per_batch * opts.minibatches
     model = Transformer(cfg, mesh=mesh)
     workdir = config.workdir
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):  # errors before any write
         tx, schedule = setup.build_optimizer(opt_cfg, setup.abstract_params(model, seq))
         hook = setup.qk_clip_hook(config, cfg)
-        os.makedirs(workdir, exist_ok=True)
+    with (setup.workdir_lock(workdir, lead), jax.set_mesh(mesh),
+          nn.logical_axis_rules(LOGICAL_RULES)):
         if lead:
             setup.write_config(workdir, config)
         ckpt = setup.checkpointer(config, os.path.join(workdir, "checkpoints"))
@@ -155,14 +158,12 @@ def run(config: ConfigDict) -> dict[str, Any]:
                            router_bias=base.router_bias, rng=base.rng, bad_steps=base.bad_steps,
                            ref=_ref(base.params, base.router_bias, opts.beta))
         with on_preemption() as preempted:
-            state = setup.resume(ckpt, template, workdir, lead, "RL step")
+            state = setup.resume(ckpt, template, workdir, lead, "RL step",
+                                 step=config.checkpoint.get("restore_step"))
             first_eval = None
             if state is None:
                 params, router_bias = _initial_policy(config, model, task, opts, mesh, base,
                                                       hook, evaluate, preempted, lead)
-                if params is None:  # preempted during the warm-up (saved)
-                    ckpt.close()
-                    return {}
                 state = template.replace(
                     params=params, router_bias=router_bias,
                     opt_state=setup.init_opt_state(tx, params, mesh),
@@ -184,8 +185,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 Cadence.from_config(config, steps, int(r.eval_every)), ckpt, writer,
                 preempted=preempted, progress=bool(config.train.progress), lead=lead,
                 desc="rl")
-    if lead and out.last:
-        write_final_metrics(workdir, out.last)
+        if lead and out.last:  # a rerun of a finished run logs nothing and keeps the file
+            write_final_metrics(workdir, out.last)
     return out.last
 
 
@@ -238,8 +239,7 @@ def _evaluator(config: ConfigDict, model, task, opts: RLOptions, mesh, ev):
 def _initial_policy(config, model, task, opts, mesh, base: TrainState, hook, evaluate,
                     preempted, lead):
     """(params, router_bias) RL starts from: fresh, `config.init_from` (a `model.hf`
-    import), `rl.init_from` (a run's checkpoint), then the optional warm-up; Nones when a
-    preemption stopped the warm-up."""
+    import), `rl.init_from` (a run's checkpoint), then the optional warm-up."""
     r = config.rl
     if config.get("init_from", ""):
         base = setup.load_init_from(str(config.init_from), base, mesh)
@@ -313,8 +313,7 @@ def _warmup(config, model, task, opts: RLOptions, mesh, params, router_bias, hoo
     `rl.warmup_target_accuracy` > 0 it stops at the first evaluation (every
     `rl.eval_every` steps) where the greedy accuracy on fixed training-split prompts
     reaches the target. Logs to `workdir/warmup/metrics.jsonl` (+ `tb/`); resumable
-    (`workdir/warmup/checkpoints`). Returns the final (params, router_bias), or Nones
-    when a preemption stopped it."""
+    (`workdir/warmup/checkpoints`). Returns the final (params, router_bias)."""
     r = config.rl
     w_total, bs = int(r.warmup_steps), int(r.warmup_batch_size)
     target = float(r.warmup_target_accuracy)
@@ -367,6 +366,4 @@ def _warmup(config, model, task, opts: RLOptions, mesh, params, router_bias, hoo
     out = run_steps(state, job, Cadence.from_config(config, w_total, int(r.eval_every)), ckpt,
                     MetricWriter(wdir, enabled=lead), preempted=preempted,
                     progress=bool(config.train.progress), lead=lead, desc="warm-up")
-    if out.preempted:
-        return None, None
     return out.state.params, out.state.router_bias

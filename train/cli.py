@@ -4,7 +4,8 @@
 `parse_config(argv)` reads `--config FILE [--config.key=value ...]` (ml_collections) and
 turns every way that can go wrong into a `UserError` naming the key or the file;
 `user_errors()` is the single place where a `UserError` becomes one line `error: ...` on
-stderr and exit code 2. Bugs keep their traceback.
+stderr and exit code 2, and a preemption (`Preempted`: checkpoint saved, rerun to resume)
+exit code 75. Bugs keep their traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from absl import flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from train.errors import UserError
+from train.errors import EXIT_PREEMPTED, Preempted, UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.", lock_config=True)
 
@@ -32,6 +33,10 @@ def parse_config(argv: list[str]) -> ConfigDict:
     Raises:
       UserError: a missing or unloadable config file, an unknown key, a bad value.
     """
+    named = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
+    if not named and any(a.startswith("--config.") for a in argv[1:]):
+        raise UserError("--config is required, e.g. --config configs/tiny.py "
+                        "(the --config.key=value overrides apply to it)")
     try:
         flags.FLAGS(argv)
         config = _CONFIG.value
@@ -39,6 +44,9 @@ def parse_config(argv: list[str]) -> ConfigDict:
             config.keys()  # a config file that failed to load raises here
     except OSError as e:
         raise UserError(f"cannot load the --config file: {_one_line(e)}") from e
+    except SyntaxError as e:
+        raise UserError(f"the --config file {e.filename} has a syntax error at line {e.lineno}: "
+                        f"{e.msg}") from e
     except flags.Error as e:
         raise UserError(_one_line(e)) from e
     except (AttributeError, KeyError) as e:
@@ -62,3 +70,9 @@ def user_errors() -> Iterator[None]:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
+    except KeyboardInterrupt:  # a second Ctrl-C, outside the steps' own handler
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)

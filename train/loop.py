@@ -22,6 +22,7 @@ from train.flops import flops_per_token, peak_flops
 from train.metrics import MetricWriter
 from train.runner import Cadence, Job, on_preemption, run_steps, write_final_metrics
 from train.step import StepOptions, TrainState, make_eval_step, make_train_step
+from train.validate import validate
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
 
@@ -29,6 +30,7 @@ BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
 def run(config: ConfigDict) -> dict[str, Any]:
     """Trains per `config`; returns the last logged metrics. Resumes from the latest
     checkpoint in `config.workdir/checkpoints` when there is one."""
+    validate(config)  # every numeric field, before anything is written
     cfg = setup.model_config(config)
     distributed.initialize(config.get("distributed"))
     lead = jax.process_index() == 0  # the process that writes logs and prints
@@ -38,19 +40,26 @@ def run(config: ConfigDict) -> dict[str, Any]:
     options = StepOptions(grad_accum=int(config.train.grad_accum),
                           z_loss=float(config.train.z_loss), skip_nonfinite=True)
     _check_batch(bsz, options.grad_accum, setup.data_parallel_size(mesh))
+    n_eval = int(config.train.eval_batches)
+    if int(config.train.eval_every) <= 0 or int(config.data.eval_permille) <= 0:
+        n_eval = 0  # no evaluation: the data pipeline then needs no eval split
     tokens = data_lib.DataPipeline(
-        config.data, seq, bsz, int(config.seed), jax.process_index(), jax.process_count())
+        config.data, seq, bsz, int(config.seed), jax.process_index(), jax.process_count(),
+        eval_batches=n_eval)
     _check_compat(cfg, config, tokens)
-    eval_sets = tokens.eval_batches(int(config.train.eval_batches))
+    eval_sets = tokens.eval_batches(n_eval)
     model = Transformer(cfg, mesh=mesh)
     workdir = config.workdir
-    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):  # errors before any write
         tx, schedule = setup.build_optimizer(_optim_config(config, cfg, steps),
-                                         setup.abstract_params(model, seq))
+                                             setup.abstract_params(model, seq))
+        hook = setup.qk_clip_hook(config, cfg)
+    with (setup.workdir_lock(workdir, lead), jax.set_mesh(mesh),
+          nn.logical_axis_rules(LOGICAL_RULES)):
         state = setup.init_state(model, tx, mesh, int(config.seed), seq)
-        os.makedirs(workdir, exist_ok=True)
         ckpt = setup.checkpointer(config, os.path.join(workdir, "checkpoints"))
-        resumed = setup.resume(ckpt, state, workdir, lead)
+        resumed = setup.resume(ckpt, state, workdir, lead,
+                                 step=config.checkpoint.get("restore_step"))
         if resumed is None and config.get("init_from", ""):
             state = setup.load_init_from(str(config.init_from), state, mesh)
             if lead:
@@ -70,7 +79,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         batch_shardings = dict.fromkeys(BATCH_KEYS, data_sharding)
         shardings = jax.tree.map(lambda x: x.sharding, state)
         step_fn = jax.jit(
-            make_train_step(model, tx, schedule, options, setup.qk_clip_hook(config, cfg)),
+            make_train_step(model, tx, schedule, options, hook),
             in_shardings=(shardings, batch_shardings), out_shardings=(shardings, None),
             donate_argnums=0)
         eval_fn = jax.jit(make_eval_step(model), in_shardings=(shardings, batch_shardings))
@@ -84,7 +93,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
         job = Job(
             step=lambda s, i: step_fn(s, setup.global_batch(next(batches), batch_shardings)),
             row=row,
-            evaluate=lambda s: {"eval_loss": _evaluate(eval_fn, s, eval_sets, batch_shardings)},
+            evaluate=(lambda s: {"eval_loss": _evaluate(eval_fn, s, eval_sets, batch_shardings)})
+            if eval_sets else None,
             postfix={"loss": "loss", "tok_s": "tokens_per_s"},
         )
         profile = tuple(int(x) for x in config.train.profile_steps)
@@ -94,8 +104,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
                 ckpt, MetricWriter(workdir, enabled=lead), preempted=preempted,
                 progress=bool(config.train.progress), lead=lead, profile=profile,
                 profile_dir=os.path.join(workdir, "profile"), desc="train")
-    if lead:
-        write_final_metrics(workdir, out.last)
+        if lead and out.last:  # a rerun of a finished run logs nothing and keeps the file
+            write_final_metrics(workdir, out.last)
     return out.last
 
 

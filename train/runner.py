@@ -24,7 +24,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from train.checkpoint import Checkpointer
-from train.errors import UserError
+from train.errors import Preempted, UserError
 from train.metrics import MetricWriter, to_python
 
 Metrics = dict[str, Any]
@@ -109,12 +109,16 @@ def run_steps(
     checkpointing per `cadence`; closes `checkpointer` and `writer`.
 
     A preemption signal (`preempted`, see `on_preemption`) saves a checkpoint after the
-    current step and stops; `cadence.max_bad_steps` non-finite steps in a row (counted by
-    the step in `state.bad_steps`) raise `UserError` at the next logged step, checkpoints
-    kept. `profile=(start, stop)` traces steps [start, stop) to `profile_dir`.
+    current step and raises `Preempted` (the command line exits 75);
+    `cadence.max_bad_steps` non-finite steps in a row (counted by the step in
+    `state.bad_steps`) raise `UserError` at the next logged step, checkpoints kept.
+    `profile=(start, stop)` traces steps [start, stop) to `profile_dir`.
     """
     total = cadence.total
     first = int(state.step)
+    if first >= total and lead:
+        print(f"nothing to do: the run is at {job.name} {first} of {total} (raise "
+              "config.train.steps to go on)")
     bar = tqdm(total=total, initial=first, disable=not (progress and lead),
                dynamic_ncols=True, desc=desc)
     out = Outcome(state, {})
@@ -149,14 +153,16 @@ def run_steps(
                 checkpointer.save(done, state, force=True)
             if finished or stop:
                 out.finished, out.preempted = finished, stop
-                if lead:
-                    print(f"\n{finished} at {job.name} {done}" if finished else
-                          f"\nreceived {stop}: saved {job.name} {done}; rerun the command to resume")
+                if finished and lead:
+                    print(f"\n{finished} at {job.name} {done}")
                 break
     finally:
         bar.close()
         checkpointer.close()
         writer.close()
+    if out.preempted:
+        raise Preempted(f"received {out.preempted}: saved {job.name} {int(out.state.step)}; "
+                        "rerun the command to resume")
     return out
 
 

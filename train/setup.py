@@ -6,9 +6,14 @@ then one call of `train.runner.run_steps`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
-from collections.abc import Callable
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -219,14 +224,72 @@ def check_process_rows(sharding, global_rows: int) -> None:
 
 
 def resume(ckpt: Checkpointer, template: Any, workdir: str, lead: bool,
-           name: str = "step") -> Any | None:
-    """The latest checkpoint in `ckpt` restored into `template`'s shapes and shardings
-    (metric rows logged after it are set aside, `train.metrics.drop_metrics_after`), or None if there
-    is none."""
+           name: str = "step", step: int | None = None) -> Any | None:
+    """The checkpoint of `step` (default: the latest) restored into `template`'s shapes and
+    shardings, or None if there is none. Metric rows logged after it are set aside
+    (`train.metrics.drop_metrics_after`; all of them when starting afresh: a run killed
+    before its first checkpoint leaves rows that would repeat). Checkpoints later than an
+    explicit `step` are renamed `<step>.set-aside` (the run will save those steps again)."""
     if ckpt.latest_step() is None:
+        if step is not None:
+            raise UserError(f"config.checkpoint.restore_step={step}: there is no checkpoint "
+                            f"in {ckpt.directory}")
+        if lead:
+            drop_metrics_after(workdir, 0)
         return None
-    state = ckpt.restore(abstract_like(template))
+    state = ckpt.restore(abstract_like(template), step)
+    if step is not None and lead:
+        ckpt.set_aside_after(step)
     if lead:
         print(f"resumed from {ckpt.directory} at {name} {int(state.step)}")
         drop_metrics_after(workdir, int(state.step))
     return state
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, enabled: bool = True) -> Iterator[None]:
+    """Creates `workdir` and holds an exclusive lock on `workdir/.lock` for the block, so
+    that a second run on the same workdir refuses with a `UserError` naming the holder
+    (pid, host, start time, command). The lock is an `fcntl.flock`, which the kernel drops
+    when its process dies: a killed run never leaves it stuck (the next run says that it
+    takes over from it). `enabled=False` (processes other than the first) only checks that
+    the workdir can be created."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"config.workdir={workdir!r} cannot be created: "
+                        f"{e.strerror or e}") from e
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise UserError(f"config.workdir={workdir!r} is not writable")
+    if not enabled:
+        yield
+        return
+    path = os.path.join(workdir, ".lock")
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.seek(0)
+            holder = f.read().strip() or "unknown holder"
+            raise UserError(f"config.workdir={workdir!r} is in use by another run ({holder}; "
+                            f"lock {path}): wait for it to finish or use another workdir") from e
+        f.seek(0)
+        previous = f.read().strip()
+        if previous:
+            print(f"taking over {workdir} from a run that ended without releasing it "
+                  f"({previous})")
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:200]}")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)
+    finally:
+        f.close()

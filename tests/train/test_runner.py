@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from train.checkpoint import Checkpointer
-from train.errors import UserError
+from train.errors import Preempted, UserError
 from train.metrics import MetricWriter, read_metrics
 from train.runner import Cadence, Job, itstime, run_steps
 
@@ -96,11 +96,19 @@ def test_preemption_saves_and_stops(tmp_path, capsys):
             flag.append("SIGTERM")  # as the signal handler does
         return _step()(s, i)
 
-    out = _run(tmp_path, Job(step=step), Cadence(total=10, log_every=5, checkpoint_every=100),
-               preempted=flag)
-    assert out.preempted == "SIGTERM" and int(out.state.step) == 3
+    with pytest.raises(Preempted, match="received SIGTERM: saved step 3; rerun"):
+        _run(tmp_path, Job(step=step), Cadence(total=10, log_every=5, checkpoint_every=100),
+             preempted=flag)
     assert Checkpointer(str(tmp_path / "ckpt"), 1).all_steps() == [3]
-    assert "received SIGTERM: saved step 3" in capsys.readouterr().out
+
+
+def test_a_finished_run_does_nothing(tmp_path, capsys):
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), 1, async_save=False)
+    start = _state().replace(step=jnp.asarray(5, jnp.int32))
+    out = run_steps(start, Job(step=_step()), Cadence(total=5), ckpt,
+                    MetricWriter(str(tmp_path)), preempted=[], progress=False)
+    assert out.last == {} and read_metrics(tmp_path) == []
+    assert "nothing to do" in capsys.readouterr().out
 
 
 def test_done_stops_early_after_a_saved_row(tmp_path):
