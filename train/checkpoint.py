@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import warnings
 from typing import Any
@@ -104,9 +105,51 @@ class Checkpointer:
         if bad:
             self.close()
             raise UserError(
-                f"checkpoint step {step} in {self.directory} is corrupt: {len(bad)} array(s) "
+                f"cannot restore checkpoint step {step} from {self.directory}: it is corrupt, "
+                f"{len(bad)} array(s) "
                 f"differ from the fingerprints written at save ({', '.join(bad[:3])}"
                 f"{', ...' if len(bad) > 3 else ''}). {self._earlier(step)}")
+
+    def _check_stored_shapes(self, step: int, abstract: Any) -> None:
+        """`UserError` naming the arrays whose stored shape differs from `abstract`'s (or
+        that exist on one side only), from the checkpoint's metadata: a mismatch is found
+        before Orbax starts reading (a read that fails halfway leaves asynchronous reads
+        that print tracebacks after the error)."""
+        path = os.path.join(self.directory, str(step), "default")
+        level = logging.getLogger("absl").level
+        logging.getLogger("absl").setLevel(logging.CRITICAL)  # reported below instead
+        try:
+            with ocp.StandardCheckpointer() as ckptr:
+                meta = ckptr.metadata(path)
+            meta = getattr(meta, "item_metadata", meta)
+        except Exception as e:  # orbax raises many types for unreadable metadata
+            raise self._after_failed_read(UserError(
+                f"cannot restore checkpoint step {step} from {self.directory}: it is corrupt or "
+                f"incomplete (its "
+                f"metadata cannot be read: {_first_line(e)}). {self._earlier(step)}")) from None
+        finally:
+            logging.getLogger("absl").setLevel(level)
+
+        def shapes(tree: Any) -> dict[str, Any]:
+            return {jax.tree_util.keystr(k, simple=True, separator="/"): getattr(x, "shape", None)
+                    for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+        stored, want = shapes(meta), shapes(abstract)
+        if not any(v is not None for v in stored.values()):
+            raise self._after_failed_read(UserError(
+                f"cannot restore checkpoint step {step} from {self.directory}: it is corrupt or "
+                f"incomplete (its "
+                f"array metadata cannot be read). {self._earlier(step)}"))
+        diff = [f"{k}: stored {tuple(stored[k]) if stored.get(k) is not None else None}, "
+                f"configured {want.get(k)}" for k in sorted(set(stored) | set(want))
+                if (tuple(stored[k]) if stored.get(k) is not None else None) != want.get(k)]
+        if diff:
+            raise self._after_failed_read(UserError(
+                f"cannot restore checkpoint step {step} from {self.directory}: it was saved by "
+                f"another model or "
+                f"optimizer config ({len(diff)} arrays differ: {'; '.join(diff[:3])}"
+                f"{' ...' if len(diff) > 3 else ''}). Nothing was deleted; point "
+                "config.workdir elsewhere or restore the config it was saved with."))
 
     def set_aside_after(self, step: int) -> list[str]:
         """Renames the step directories after `step` to `<step>.set-aside` (Orbax no longer
@@ -141,6 +184,7 @@ class Checkpointer:
         if step not in self.all_steps():
             raise UserError(f"no checkpoint of step {step} in {self.directory} "
                             f"(steps: {self.all_steps()})")
+        self._check_stored_shapes(step, abstract_state)
         try:
             state = self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
         except Exception as e:  # orbax raises many types for unreadable / mismatched trees

@@ -11,6 +11,7 @@ exit code 75. Bugs keep their traceback.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 
@@ -58,6 +59,34 @@ def parse_config(argv: list[str]) -> ConfigDict:
     return config
 
 
+def _closed_loop_noise(kind, value, tb) -> bool:
+    """The `RuntimeError: Event loop is closed` that TensorStore's callback threads report
+    (as an unraisable exception) after an Orbax read failed halfway: they complete reads
+    into the event loop that the failed read already closed. Noise after the one `error:`
+    line, not a second error."""
+    last = tb
+    while last is not None and last.tb_next is not None:
+        last = last.tb_next
+    return (kind is RuntimeError and str(value) == "Event loop is closed" and last is not None
+            and last.tb_frame.f_code.co_filename.endswith(os.path.join("asyncio", "base_events.py")))
+
+
+def _orbax_read_leftover(obj) -> bool:
+    """An Orbax read coroutine left un-awaited by a read that failed (reported when it is
+    garbage-collected, after the `error:` line)."""
+    code = getattr(obj, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+def _quiet_unraisable(hook):
+    def unraisablehook(u):
+        if not (_closed_loop_noise(u.exc_type, u.exc_value, u.exc_traceback)
+                or _orbax_read_leftover(u.object)):
+            hook(u)
+
+    return unraisablehook
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Runs the body of a command; a `UserError` is printed as one `error:` line, exit 2.
@@ -65,6 +94,7 @@ def user_errors() -> Iterator[None]:
     Also keeps Orbax's and absl's per-save INFO lines off the console.
     """
     logging.set_verbosity(logging.WARNING)
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
     try:
         yield
     except UserError as e:

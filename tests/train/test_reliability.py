@@ -186,3 +186,31 @@ def test_bad_command_lines_are_one_line_errors(tmp_path, case):
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     line = _error_line(r)
     assert line.startswith("error:") and needle in line, line
+
+
+@pytest.mark.parametrize("damage", ["changed_shape", "deleted_file", "empty_step_dir",
+                                    "missing_manifest"])
+def test_damaged_or_foreign_checkpoints_are_one_line_errors(run_copy, damage):
+    ckpts = run_copy / "checkpoints"
+    extra = []
+    if damage == "changed_shape":
+        extra = ["--config.model.d_model=64"]
+    elif damage == "deleted_file":
+        files = [p for p in glob.glob(str(ckpts / "8" / "default" / "**"), recursive=True)
+                 if os.path.isfile(p) and os.sep + "d" + os.sep in p]
+        os.remove(max(files, key=os.path.getsize))
+    elif damage == "empty_step_dir":
+        (ckpts / "12").mkdir()  # a save that died before writing anything
+    else:
+        os.remove(ckpts / "8" / "default" / "_METADATA")
+        os.remove(ckpts / "8" / "default" / "manifest.ocdbt")
+    before = _tree(ckpts)
+    r = _train(run_copy, *extra, steps=16)
+    if damage == "empty_step_dir" and r.returncode == 0:
+        # Orbax ignores a step directory without its commit marker: resumed from 8.
+        assert "at step 8" in r.stdout
+        return
+    line = _error_line(r)
+    assert line.startswith("error:") and "checkpoint" in line, line
+    assert "Event loop is closed" not in r.stderr
+    assert _tree(ckpts) == before
