@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 
 from model.config import ModelConfig
 from model.hf.convert import abstract_variables, load, save
+from model.hf.safetensors_io import read_json_object
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -80,7 +81,7 @@ def read_orbax(path: str, mesh: Mesh | None = None) -> tuple[ModelConfig, dict[s
     fname = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(fname):
         raise ValueError(f"{path} is not a model.hf Orbax checkpoint (no {CONFIG_FILE})")
-    d = _read_json(fname)
+    d = read_json_object(fname)
     try:
         cfg = ModelConfig.from_dict(d)
     except (ValueError, TypeError) as e:
@@ -110,19 +111,6 @@ def read_orbax(path: str, mesh: Mesh | None = None) -> tuple[ModelConfig, dict[s
 def _first_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else ""
-
-
-def _read_json(fname: str) -> dict[str, Any]:
-    """A JSON object file (`ValueError` naming it when it is not one)."""
-    with open(fname, "rb") as f:
-        raw = f.read()
-    try:
-        d = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{fname}: not valid JSON ({e})") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{fname}: not a JSON object")
-    return d
 
 
 def _check_stored_shapes(vdir: str, abstract: Any, config_file: str) -> None:
@@ -231,7 +219,7 @@ def export_checkpoint(
     cfg, variables = read_orbax(src)
     extra = None
     if os.path.exists(os.path.join(src, HF_CONFIG_FILE)):
-        hf = _read_json(os.path.join(src, HF_CONFIG_FILE))
+        hf = read_json_object(os.path.join(src, HF_CONFIG_FILE))
         extra = {k: hf[k] for k in _TOKEN_KEYS if k in hf}
     with _new_destination(dst):
         save(dst, cfg, variables, dtype=dtype, max_shard_bytes=max_shard_bytes, extra_config=extra)

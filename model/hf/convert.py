@@ -46,7 +46,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model.config import ModelConfig
-from model.hf.safetensors_io import SafetensorsReader, write_safetensors
+from model.hf.safetensors_io import SafetensorsReader, read_json_object, write_safetensors
 from model.sharding import logical_to_sharding
 from model.transformer import Transformer
 
@@ -623,15 +623,7 @@ def read_hf_config(path: str) -> dict[str, Any]:
     fname = os.path.join(path, "config.json")
     if not os.path.isfile(fname):
         raise ValueError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
-    with open(fname, "rb") as f:
-        raw = f.read()
-    try:
-        hf = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{fname}: not valid JSON ({e})") from e
-    if not isinstance(hf, dict):
-        raise ValueError(f"{fname}: not a Hugging Face config (not a JSON object)")
-    return hf
+    return read_json_object(fname, "a Hugging Face config")
 
 
 _FLOATS = tuple(np.dtype(t) for t in (np.float64, np.float32, np.float16, ml_dtypes.bfloat16))

@@ -105,15 +105,25 @@ class SafetensorsReader:
         return raw.view(self.dtype(name)).reshape(info["shape"])
 
 
-def _index_files(index: str) -> list[str]:
-    """The shard file names of an HF index file (`ValueError` naming it when malformed)."""
-    with open(index, "rb") as f:
+def read_json_object(fname: str, what: str = "") -> dict[str, Any]:
+    """A JSON object file; `ValueError` naming the file when it is not valid JSON or not an
+    object (`what` says what it should have been)."""
+    with open(fname, "rb") as f:
         raw = f.read()
     try:
         content = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{index}: not valid JSON ({e})") from e
-    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        raise ValueError(f"{fname}: not valid JSON ({e})") from e
+    if not isinstance(content, dict):
+        raise ValueError(f"{fname}: not {what} (not a JSON object)" if what
+                         else f"{fname}: not a JSON object")
+    return content
+
+
+def _index_files(index: str) -> list[str]:
+    """The shard file names of an HF index file (`ValueError` naming it when malformed)."""
+    content = read_json_object(index, "a safetensors index")
+    weight_map = content.get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index}: not a safetensors index (no 'weight_map' of tensor -> file name)")
     return sorted(set(weight_map.values()))
