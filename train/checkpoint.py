@@ -106,8 +106,7 @@ class Checkpointer:
             self.close()
             raise UserError(
                 f"cannot restore checkpoint step {step} from {self.directory}: it is corrupt, "
-                f"{len(bad)} array(s) "
-                f"differ from the fingerprints written at save ({', '.join(bad[:3])}"
+                f"{len(bad)} array(s) differ from the fingerprints written at save ({', '.join(bad[:3])}"
                 f"{', ...' if len(bad) > 3 else ''}). {self._earlier(step)}")
 
     def _check_stored_shapes(self, step: int, abstract: Any) -> None:
@@ -125,8 +124,8 @@ class Checkpointer:
         except Exception as e:  # orbax raises many types for unreadable metadata
             raise self._after_failed_read(UserError(
                 f"cannot restore checkpoint step {step} from {self.directory}: it is corrupt or "
-                f"incomplete (its "
-                f"metadata cannot be read: {_first_line(e)}). {self._earlier(step)}")) from None
+                f"incomplete (its metadata cannot be read: {_first_line(e)}). "
+                f"{self._earlier(step)}")) from None
         finally:
             logging.getLogger("absl").setLevel(level)
 
@@ -138,16 +137,14 @@ class Checkpointer:
         if not any(v is not None for v in stored.values()):
             raise self._after_failed_read(UserError(
                 f"cannot restore checkpoint step {step} from {self.directory}: it is corrupt or "
-                f"incomplete (its "
-                f"array metadata cannot be read). {self._earlier(step)}"))
+                f"incomplete (its array metadata cannot be read). {self._earlier(step)}"))
         diff = [f"{k}: stored {tuple(stored[k]) if stored.get(k) is not None else None}, "
                 f"configured {want.get(k)}" for k in sorted(set(stored) | set(want))
                 if (tuple(stored[k]) if stored.get(k) is not None else None) != want.get(k)]
         if diff:
             raise self._after_failed_read(UserError(
                 f"cannot restore checkpoint step {step} from {self.directory}: it was saved by "
-                f"another model or "
-                f"optimizer config ({len(diff)} arrays differ: {'; '.join(diff[:3])}"
+                f"another model or optimizer config ({len(diff)} arrays differ: {'; '.join(diff[:3])}"
                 f"{' ...' if len(diff) > 3 else ''}). Nothing was deleted; point "
                 "config.workdir elsewhere or restore the config it was saved with."))
 

@@ -109,7 +109,7 @@ def test_tampered_fingerprint_names_the_array(run_copy):
 
 def test_second_run_on_a_live_workdir_refuses_and_a_killed_holder_is_taken_over(tmp_path):
     work = tmp_path / "run"
-    p = subprocess.Popen(_cmd(work, steps=400), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+    p = subprocess.Popen(_cmd(work, steps=5000), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
         metrics = work / "metrics.jsonl"
@@ -118,7 +118,7 @@ def test_second_run_on_a_live_workdir_refuses_and_a_killed_holder_is_taken_over(
                 metrics.exists() and metrics.stat().st_size > 0):
             time.sleep(0.05)
         assert p.poll() is None, p.communicate()[1][-3000:]
-        line = _error_line(_train(work, steps=400))
+        line = _error_line(_train(work, steps=5000))
         assert "in use by another run" in line and f"pid {p.pid}" in line, line
 
         # SIGTERM: saved, exit 75 (preempted, rerun to resume), lock released.
@@ -133,7 +133,7 @@ def test_second_run_on_a_live_workdir_refuses_and_a_killed_holder_is_taken_over(
     assert saved == _rows(work)[-1]["step"]
 
     # kill -9 leaves the lock file's text behind but not the lock: the next run takes over.
-    p = subprocess.Popen(_cmd(work, steps=400), cwd=ROOT, env=ENV,
+    p = subprocess.Popen(_cmd(work, steps=5000), cwd=ROOT, env=ENV,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None and len(_rows(work)) <= saved + 1:
