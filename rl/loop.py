@@ -42,7 +42,7 @@ from rl.tasks import make_task
 from train import distributed, setup
 from train.checkpoint import Checkpointer, abstract_like
 from train.errors import UserError
-from train.metrics import MetricWriter, drop_metrics_after, to_python
+from train.metrics import MetricWriter, to_python
 from train.runner import Cadence, Job, on_preemption, run_steps, write_final_metrics
 from train.step import StepOptions, TrainState, make_train_step
 from train.validate import validate
@@ -168,14 +168,12 @@ def run(config: ConfigDict) -> dict[str, Any]:
                     params=params, router_bias=router_bias,
                     opt_state=setup.init_opt_state(tx, params, mesh),
                     ref=_ref(params, router_bias, opts.beta))
-                if lead:
-                    drop_metrics_after(workdir, 0)  # rows of an attempt that never saved
                 first_eval = evaluate(state.params, state.router_bias)
                 ckpt.save(0, state, force=True)
                 if lead:
                     print(f"RL starts at greedy held-out accuracy "
                           f"{first_eval['eval_accuracy']:.3f}")
-            writer = MetricWriter(workdir, enabled=lead)  # after drop_metrics_after rewrote it
+            writer = MetricWriter(workdir, enabled=lead)  # after resume set stale rows aside
             if first_eval is not None:
                 writer.write(0, first_eval)
             if lead:

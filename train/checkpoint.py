@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import os
 import warnings
 from typing import Any
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from model.hf.checkpoint import stored_shape_diff
 from train.errors import UserError
 
 
@@ -103,50 +103,28 @@ class Checkpointer:
         bad = [k for k, v in fingerprints(tree).items()
                if k in saved and saved[k][1:] == v[1:] and saved[k][0] != v[0]]
         if bad:
-            self.close()
-            raise UserError(
+            raise self._after_failed_read(UserError(
                 f"cannot restore checkpoint step {step} from {self.directory}: it is corrupt, "
-                f"{len(bad)} array(s) differ from the fingerprints written at save ({', '.join(bad[:3])}"
-                f"{', ...' if len(bad) > 3 else ''}). {self._earlier(step)}")
+                f"{len(bad)} array(s) differ from the fingerprints written at save "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}). {self._earlier(step)}"))
 
-    def _check_stored_shapes(self, step: int, abstract: Any) -> None:
-        """`UserError` naming the arrays whose stored shape differs from `abstract`'s (or
-        that exist on one side only), from the checkpoint's metadata: a mismatch is found
-        before Orbax starts reading (a read that fails halfway leaves asynchronous reads
-        that print tracebacks after the error)."""
-        path = os.path.join(self.directory, str(step), "default")
-        level = logging.getLogger("absl").level
-        logging.getLogger("absl").setLevel(logging.CRITICAL)  # reported below instead
+    def _check_stored_shapes(self, step: int, abstract: Any, partial: bool = False) -> None:
+        """`UserError` naming the arrays whose stored shape differs from `abstract`'s (only
+        those `abstract` asks for when `partial`), before Orbax reads anything
+        (`model.hf.checkpoint.stored_shape_diff`)."""
+        where = f"cannot restore checkpoint step {step} from {self.directory}"
         try:
-            with ocp.StandardCheckpointer() as ckptr:
-                meta = ckptr.metadata(path)
-            meta = getattr(meta, "item_metadata", meta)
-        except Exception as e:  # orbax raises many types for unreadable metadata
+            diff = stored_shape_diff(os.path.join(self.directory, str(step), "default"),
+                                     abstract, only_wanted=partial)
+        except ValueError as e:
             raise self._after_failed_read(UserError(
-                f"cannot restore checkpoint step {step} from {self.directory}: it is corrupt or "
-                f"incomplete (its metadata cannot be read: {_first_line(e)}). "
-                f"{self._earlier(step)}")) from None
-        finally:
-            logging.getLogger("absl").setLevel(level)
-
-        def shapes(tree: Any) -> dict[str, Any]:
-            return {jax.tree_util.keystr(k, simple=True, separator="/"): getattr(x, "shape", None)
-                    for k, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-        stored, want = shapes(meta), shapes(abstract)
-        if not any(v is not None for v in stored.values()):
-            raise self._after_failed_read(UserError(
-                f"cannot restore checkpoint step {step} from {self.directory}: it is corrupt or "
-                f"incomplete (its array metadata cannot be read). {self._earlier(step)}"))
-        diff = [f"{k}: stored {tuple(stored[k]) if stored.get(k) is not None else None}, "
-                f"configured {want.get(k)}" for k in sorted(set(stored) | set(want))
-                if (tuple(stored[k]) if stored.get(k) is not None else None) != want.get(k)]
+                f"{where}: it is corrupt or incomplete ({e}). {self._earlier(step)}")) from None
         if diff:
             raise self._after_failed_read(UserError(
-                f"cannot restore checkpoint step {step} from {self.directory}: it was saved by "
-                f"another model or optimizer config ({len(diff)} arrays differ: {'; '.join(diff[:3])}"
-                f"{' ...' if len(diff) > 3 else ''}). Nothing was deleted; point "
-                "config.workdir elsewhere or restore the config it was saved with."))
+                f"{where}: it was saved by another model or optimizer config ({len(diff)} "
+                f"arrays differ: {'; '.join(diff[:3])}{' ...' if len(diff) > 3 else ''}). "
+                "Nothing was deleted; point config.workdir elsewhere or restore the config it "
+                "was saved with."))
 
     def set_aside_after(self, step: int) -> list[str]:
         """Renames the step directories after `step` to `<step>.set-aside` (Orbax no longer
@@ -206,23 +184,18 @@ class Checkpointer:
             what = "no checkpoint" if step is None else f"no checkpoint of step {step}"
             raise UserError(f"{what} in {self.directory} (steps: {self.all_steps()})")
         abstract = {k: v for k, v in abstract.items() if jax.tree.leaves(v)}
-        where = f"{self.directory} step {step}"
+        self._check_stored_shapes(step, abstract, partial=True)
         error = None
         try:
             out = self.manager.restore(step, args=ocp.args.PyTreeRestore(
                 item=abstract, partial_restore=True,
                 restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)))
         except Exception as e:  # orbax raises many types for unreadable / mismatched trees
-            error = UserError(f"cannot restore {sorted(abstract)} from {where} (saved by a "
-                              f"different model config?): {_first_line(e)}")
+            error = UserError(f"cannot restore {sorted(abstract)} from {self.directory} step "
+                              f"{step}: {_first_line(e)}")
         if error is not None:
             raise self._after_failed_read(error)
         self.verify(step, out)
-        for k, v in abstract.items():
-            got = jax.tree.map(lambda x: (x.shape, x.dtype), out[k])
-            want = jax.tree.map(lambda x: (x.shape, x.dtype), v)
-            if got != want:
-                raise UserError(f"checkpoint {where}: '{k}' shapes differ from the configured model")
         return out
 
     def _after_failed_read(self, error: UserError) -> UserError:

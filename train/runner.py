@@ -50,10 +50,11 @@ class Cadence:
 
     @classmethod
     def from_config(cls, config, total: int, eval_every: int) -> Cadence:
-        """The cadence of `config.train` / `config.checkpoint` over `total` steps."""
-        return cls(total=total, log_every=max(int(config.train.log_every), 1),
+        """The cadence of `config.train` / `config.checkpoint` over `total` steps (their
+        ranges are checked by `train.validate`)."""
+        return cls(total=total, log_every=int(config.train.log_every),
                    eval_every=eval_every,
-                   checkpoint_every=max(int(config.checkpoint.every), 1),
+                   checkpoint_every=int(config.checkpoint.every),
                    max_bad_steps=int(config.train.max_bad_steps))
 
 

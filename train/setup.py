@@ -186,8 +186,9 @@ def load_init_from(path: str, state: TrainState, mesh) -> TrainState:
 
 def checkpointer(config: ConfigDict, directory: str) -> Checkpointer:
     """The checkpoints of `config.checkpoint` (every, keep, async_save) in `directory`."""
-    return Checkpointer(directory, max(int(config.checkpoint.every), 1),
-                        int(config.checkpoint.keep), bool(config.checkpoint.async_save))
+    keep = config.checkpoint.keep
+    return Checkpointer(directory, int(config.checkpoint.every),
+                        None if keep is None else int(keep), bool(config.checkpoint.async_save))
 
 
 def write_config(workdir: str, config: ConfigDict) -> None:

@@ -113,15 +113,22 @@ def _first_line(e: BaseException) -> str:
     return lines[0] if lines else ""
 
 
-def _check_stored_shapes(vdir: str, abstract: Any, config_file: str) -> None:
-    """`ValueError` naming the leaves whose stored shape differs from the config's (or
-    that are stored or expected only on one side), before any array is read."""
+def stored_shape_diff(path: str, abstract: Any, only_wanted: bool = False) -> list[str]:
+    """`"name: stored S, config C"` for each array of the Orbax checkpoint item at
+    `path` whose stored shape differs from `abstract`'s (or that is on one side only; with
+    `only_wanted`, arrays that `abstract` does not ask for are ignored), read from the
+    metadata before any array is: a read that fails halfway leaves asynchronous reads that
+    print tracebacks long after the error.
+
+    Raises:
+      ValueError: the metadata cannot be read (corrupt or incomplete checkpoint).
+    """
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.CRITICAL)  # orbax logs what fails here; it is reported below
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            meta = ckptr.metadata(vdir)
+            meta = ckptr.metadata(path)
         meta = getattr(meta, "item_metadata", meta)
     except Exception as e:  # orbax raises many types for unreadable checkpoints
         meta, error = None, f" ({type(e).__name__}: {_first_line(e)})"
@@ -132,15 +139,21 @@ def _check_stored_shapes(vdir: str, abstract: Any, config_file: str) -> None:
 
     def shapes(tree: Any) -> dict[str, tuple[int, ...] | None]:
         leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {jax.tree_util.keystr(kp, simple=True, separator="/"): getattr(x, "shape", None)
-                for kp, x in leaves}
+        return {jax.tree_util.keystr(kp, simple=True, separator="/"):
+                None if getattr(x, "shape", None) is None else tuple(x.shape) for kp, x in leaves}
 
     stored, want = shapes(meta), shapes(abstract)
     if not any(v is not None for v in stored.values()):
-        raise ValueError(f"{vdir}: not a readable Orbax checkpoint (corrupt or incomplete: its "
+        raise ValueError(f"{path}: not a readable Orbax checkpoint (corrupt or incomplete: its "
                          f"metadata cannot be read){error}")
-    diff = [f"{k}: stored {stored.get(k)}, config {want.get(k)}"
-            for k in sorted(set(stored) | set(want)) if stored.get(k) != want.get(k)]
+    names = set(want) if only_wanted else set(stored) | set(want)
+    return [f"{k}: stored {stored.get(k)}, config {want.get(k)}"
+            for k in sorted(names) if stored.get(k) != want.get(k)]
+
+
+def _check_stored_shapes(vdir: str, abstract: Any, config_file: str) -> None:
+    """`ValueError` naming the leaves whose stored shape differs from the config's."""
+    diff = stored_shape_diff(vdir, abstract)
     if diff:
         raise ValueError(f"{vdir} does not match {config_file} ({len(diff)} arrays differ): "
                          + "; ".join(diff[:5]) + (" ..." if len(diff) > 5 else ""))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import pytest
 
 from configs import tiny
@@ -37,3 +38,14 @@ def test_optimizer_state_takes_each_parameters_sharding(name):
     assert n_moments >= len(by_path)  # every parameter has at least one moment
     # Some parameters really are split (so the check above is not trivially true).
     assert any(not x.sharding.is_fully_replicated for x in by_path.values())
+
+
+def test_checkpointer_keeps_every_step_when_keep_is_none(tmp_path):
+    c = tiny.get_config()
+    c.checkpoint.keep = None  # allowed by train.validate: keep all
+    c.checkpoint.update(dict(every=1, async_save=False))
+    ckpt = setup.checkpointer(c, str(tmp_path / "ckpt"))
+    for step in range(1, 6):
+        ckpt.save(step, {"w": jnp.full((2,), step, jnp.float32)}, force=True)
+    ckpt.close()
+    assert setup.Checkpointer(str(tmp_path / "ckpt")).all_steps() == [1, 2, 3, 4, 5]
