@@ -3,10 +3,24 @@
 Both modules map `x [batch, length, d_model]` to `(y [batch, length, d_model],
 max_logits [heads])`, where `max_logits[h]` is the largest scaled logit `q.k * scale`
 of head `h` over the whole (global) batch and all unmasked query/key pairs: the
-statistic QK-clip (Kimi K2) needs. With `cfg.attn_impl == "dot_product"` the training
-forward goes through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU, XLA's
-elsewhere and where cuDNN cannot run the case, with a warning; `fused_attention`) and
-`max_logits` is NaN (not computed).
+statistic QK-clip (Kimi K2) needs.
+
+Training/eval attention has backends, one contract (`attend`): `(output, max_logits)`,
+where the max is exact whenever `choose_backend(...).max_logits` (else NaN):
+
+  "explicit"  einsum + masked softmax over `[batch, heads, T, T]` scores: small shapes,
+              and the reference the others are tested against.
+  "flash"     blockwise attention in plain JAX (`model.flash_attention`): O(T) memory, a
+              custom VJP, the exact max from its running row max; CPU, GPU and TPU.
+  "cudnn"     cuDNN flash attention through `jax.nn.dot_product_attention` (NVIDIA GPUs,
+              bf16/fp16); when the max is needed it comes from a blockwise side pass
+              (`model.flash_attention.max_logits`). "dot_product" is its old name.
+  "auto"      (default) per device and shape, the fastest that gives what the run needs:
+              cuDNN on a GPU where it can run the case, else "flash" above
+              `EXPLICIT_MAX_LEN` tokens, else "explicit". The trainer prints the choice.
+
+A requested backend that cannot run a case raises a `ValueError` naming the case; nothing
+falls back silently.
 
 Masks. Training/eval (`decode=False`): causal within the row and, when `segment_ids`
 are given (packed documents), only between tokens of the same segment. Decoding
@@ -17,13 +31,15 @@ different positions.
 
 from __future__ import annotations
 
-import warnings
+import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
+from model.flash_attention import default_block, flash_attention, max_logits
 from model.layers import RMSNorm, apply_rope, constrain, dense
 
 
@@ -73,48 +89,136 @@ def masked_exp(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array
 # ValueError (layout, mask or sharding it does not take).
 _CUDNN_UNSUPPORTED = (RuntimeError, NotImplementedError, ValueError)
 
+BACKENDS = ("auto", "explicit", "flash", "cudnn", "dot_product")
+# "auto" uses the explicit path up to this many tokens: its [T, T] scores are small there,
+# and it is then at least as fast as the blockwise path on a CPU (bench/bench_attention.py).
+EXPLICIT_MAX_LEN = 256
 
-def _auto_implementation() -> str:
-    """The kernel `fused_attention(implementation=None)` tries first: cuDNN on GPU, else XLA."""
-    return "cudnn" if jax.default_backend() == "gpu" else "xla"
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """The attention backend a run uses: `name` (explicit | flash | cudnn), whether the
+    returned per-head max logit is exact (`max_logits`; NaN otherwise) and why it was
+    chosen."""
+
+    name: str
+    max_logits: bool
+    reason: str
+
+    def describe(self) -> str:
+        stat = "exact per-head max logits" if self.max_logits else "no max-logit statistic"
+        return f"attention: {self.name} ({self.reason}; {stat})"
 
 
-def fused_attention(
+def _platform() -> str:
+    return jax.default_backend()
+
+
+def _cuda_shapes(cfg: ModelConfig, length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The `[1, T, heads, head_dim]` shapes of q and k/v that `attend` hands to cuDNN."""
+    if cfg.attention == "mla":
+        size = max(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim)
+        return (1, length, cfg.n_heads, size), (1, length, cfg.n_heads, size)
+    return ((1, length, cfg.n_heads, cfg.attn_head_dim),
+            (1, length, cfg.num_kv_heads, cfg.attn_head_dim))
+
+
+@functools.lru_cache(maxsize=64)
+def _cudnn_problem(platform: str, dtype: str, q_shape, kv_shape) -> str | None:
+    """Why cuDNN cannot run this case here (None: it can). Asks cuDNN itself by tracing
+    the call on abstract shapes (nothing runs)."""
+    if platform != "gpu":
+        return f"cuDNN flash attention needs an NVIDIA GPU; this process runs on {platform}"
+    if dtype not in ("bfloat16", "float16"):
+        return f"cuDNN flash attention runs bfloat16/float16, not dtype={dtype}"
+    q = jax.ShapeDtypeStruct(q_shape, jnp.dtype(dtype))
+    kv = jax.ShapeDtypeStruct(kv_shape, jnp.dtype(dtype))
+    try:
+        jax.eval_shape(lambda a, b: jax.nn.dot_product_attention(
+            a, b, b, is_causal=True, implementation="cudnn"), q, kv)
+    except _CUDNN_UNSUPPORTED as e:
+        return f"cuDNN cannot run q {q_shape} / kv {kv_shape} {dtype}: {type(e).__name__}: {e}"
+    return None
+
+
+def choose_backend(cfg: ModelConfig, length: int, platform: str | None = None) -> Backend:
+    """The training attention backend for `cfg` at sequence length `length` on `platform`
+    (default: this process's JAX backend). Raises `ValueError` naming the case when the
+    requested `cfg.attn_impl` cannot run it."""
+    platform = platform or _platform()
+    want_max = cfg.attn_max_logits is True
+    impl = "cudnn" if cfg.attn_impl == "dot_product" else cfg.attn_impl
+    if impl == "explicit":
+        return Backend("explicit", True, "requested")
+    if impl == "flash":
+        return Backend("flash", True, "requested")
+    q_shape, kv_shape = _cuda_shapes(cfg, length)
+    problem = _cudnn_problem(platform, cfg.dtype, q_shape, kv_shape)
+    if impl == "cudnn":
+        if problem:
+            raise ValueError(f"attn_impl={cfg.attn_impl!r} cannot run this case: {problem}")
+        return Backend("cudnn", want_max, "requested" + (" + max-logit side pass" * want_max))
+    if problem is None:
+        side = "; max logits from a blockwise side pass" if want_max else ""
+        return Backend("cudnn", want_max, f"auto: cuDNN flash attention on this GPU{side}")
+    if length > EXPLICIT_MAX_LEN:
+        return Backend("flash", True, f"auto: {length} tokens > {EXPLICIT_MAX_LEN}")
+    return Backend("explicit", True, f"auto: {length} tokens <= {EXPLICIT_MAX_LEN}")
+
+
+def cudnn_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, scale: float,
-    implementation: str | None = None,
 ) -> jax.Array:
-    """Causal (and same-segment) attention through `jax.nn.dot_product_attention`: `q [b, t,
-    h, d]`, `k, v [b, t, kv_heads, d]` -> `[b, t, h, d]`. No max-logit statistic comes out of
-    it.
-
-    Args:
-      implementation: `"cudnn"` (cuDNN flash attention; raises with cuDNN's reason when it
-        cannot run the case), `"xla"`, or None (what `attn_impl="dot_product"` uses): cuDNN
-        on GPU, else XLA; when cuDNN cannot run the case it falls back to XLA and says so
-        with a `UserWarning` naming cuDNN's reason (Python shows it once per reason).
-    """
+    """Causal (and same-segment) attention through cuDNN (`jax.nn.dot_product_attention`):
+    `q [b, t, h, d]`, `k, v [b, t, kv_heads, d]` -> `[b, t, h, d]`. Raises `ValueError` with
+    cuDNN's reason when it cannot run the case."""
     mask = None
     if segment_ids is not None:
         mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-    call = lambda impl: jax.nn.dot_product_attention(  # noqa: E731
-        q, k, v, mask=mask, scale=scale, is_causal=True, implementation=impl)
-    if implementation is not None:
-        return call(implementation)
-    impl = _auto_implementation()
-    if impl == "cudnn":
-        try:
-            return call("cudnn")
-        except _CUDNN_UNSUPPORTED as e:
-            warnings.warn(
-                f"attn_impl='dot_product': cuDNN flash attention cannot run here "
-                f"({type(e).__name__}: {e}); using XLA's attention instead", stacklevel=2)
-            impl = "xla"
-    return call(impl)
+    try:
+        return jax.nn.dot_product_attention(
+            q, k, v, mask=mask, scale=scale, is_causal=True, implementation="cudnn")
+    except _CUDNN_UNSUPPORTED as e:
+        raise ValueError(f"attn_impl='cudnn' cannot run q {tuple(q.shape)} {q.dtype}, kv "
+                         f"{tuple(k.shape)}{' with segment_ids' if mask is not None else ''}: "
+                         f"{type(e).__name__}: {e}") from e
 
 
-def _no_max_logits(n_heads: int) -> jax.Array:
-    """The max-logit statistic of a fused kernel, which does not produce it: NaN."""
-    return jnp.full((n_heads,), jnp.nan, jnp.float32)
+def attend(
+    cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array,
+    segment_ids: jax.Array | None, scale: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Causal (and same-segment) training attention with the backend of `choose_backend`.
+
+    Args:
+      q: `[batch, T, kv_heads, group, d_qk]` (group = query heads per KV head).
+      k: `[batch, T, kv_heads, d_qk]`.
+      v: `[batch, T, kv_heads, d_v]`.
+
+    Returns:
+      `(out [batch, T, kv_heads, group, d_v], max_logits [kv_heads * group])`: the largest
+      `q.k * scale` per head over batch and visible pairs (NaN when the backend does not
+      provide it).
+    """
+    b, t, kv, g, dq = q.shape
+    backend = choose_backend(cfg, t)
+    if backend.name == "flash":
+        out, ml = flash_attention(q, k, v, segment_ids, scale, block=default_block())
+        return out, ml.reshape(kv * g)
+    if backend.name == "cudnn":
+        size = max(dq, v.shape[-1])  # cuDNN wants one head size: zero-pad (logits unchanged)
+        pad = lambda a: jnp.pad(a, ((0, 0),) * (a.ndim - 1) + ((0, size - a.shape[-1]),))  # noqa: E731
+        out = cudnn_attention(pad(q.reshape(b, t, kv * g, dq)), pad(k), pad(v), segment_ids,
+                              scale)[..., : v.shape[-1]].reshape(b, t, kv, g, v.shape[-1])
+        if backend.max_logits:
+            ml = max_logits(q, k, segment_ids, scale, block=default_block()).reshape(kv * g)
+        else:
+            ml = jnp.full((kv * g,), jnp.nan, jnp.float32)
+        return out, ml
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    e, denom, ml = masked_exp(logits, causal_mask(t, segment_ids, b))
+    out = jnp.einsum("bkgts,bskd->btkgd", e.astype(v.dtype), v)
+    return out / _heads_last(denom).astype(out.dtype), ml.reshape(kv * g)
 
 
 def _heads_last(denom: jax.Array) -> jax.Array:
@@ -152,23 +256,19 @@ class Attention(nn.Module):
         k = apply_rope(k, positions, cfg.rope_theta, cfg)
         q = constrain(q, ("batch", "length", "act_heads", None))
 
-        if not decode and cfg.attn_impl == "dot_product":
-            o = fused_attention(q, k, v, segment_ids, cfg.softmax_scale).reshape(b, t, h * hd)
-            y = dense(cfg, h * hd, d, ("heads", "embed"), "o_proj")(o)
-            return y, _no_max_logits(h)
-
-        if decode:
-            shape = (b, cfg.max_seq_len, kv, hd)
-            ck = self.variable("cache", "key", jnp.zeros, shape, q.dtype)
-            cv = self.variable("cache", "value", jnp.zeros, shape, q.dtype)
-            ck.value = write_cache(ck.value, k, positions)
-            cv.value = write_cache(cv.value, v, positions)
-            k, v = ck.value, cv.value
-            mask = decode_mask(positions, cfg.max_seq_len)
-        else:
-            mask = causal_mask(t, segment_ids, b)
-
         g = h // kv
+        if not decode:
+            o, ml = attend(cfg, q.reshape(b, t, kv, g, hd), k, v, segment_ids, cfg.softmax_scale)
+            y = dense(cfg, h * hd, d, ("heads", "embed"), "o_proj")(o.reshape(b, t, h * hd))
+            return y, ml
+
+        shape = (b, cfg.max_seq_len, kv, hd)
+        ck = self.variable("cache", "key", jnp.zeros, shape, q.dtype)
+        cv = self.variable("cache", "value", jnp.zeros, shape, q.dtype)
+        ck.value = write_cache(ck.value, k, positions)
+        cv.value = write_cache(cv.value, v, positions)
+        k, v = ck.value, cv.value
+        mask = decode_mask(positions, cfg.max_seq_len)
         qg = q.reshape(b, t, kv, g, hd)
         logits = jnp.einsum(
             "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32
@@ -232,18 +332,8 @@ class MLAttention(nn.Module):
             # One q.k over [nope, rope] (the rope key shared by all heads).
             qf = jnp.concatenate([q_nope, q_rope], axis=-1)
             kf = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], q_rope.shape)], -1)
-            if cfg.attn_impl == "dot_product":
-                # The kernel wants q, k, v of one head size: zero-pad (the logits do not
-                # change; the scale is passed), then drop v's padding from the output.
-                size = max(nope + rope, vd)
-                pad = lambda a: jnp.pad(a, ((0, 0),) * 3 + ((0, size - a.shape[-1]),))  # noqa: E731
-                o = fused_attention(pad(qf), pad(kf), pad(v), segment_ids, scale)[..., :vd]
-                return o_proj(o.reshape(b, t, h * vd)), _no_max_logits(h)
-            logits = jnp.einsum("bthd,bshd->bhts", qf, kf, preferred_element_type=jnp.float32) * scale
-            e, denom, max_logits = masked_exp(logits, causal_mask(t, segment_ids, b))
-            o = jnp.einsum("bhts,bshv->bthv", e.astype(v.dtype), v)
-            o = o / _heads_last(denom).astype(o.dtype)
-            return o_proj(o.reshape(b, t, h * vd)), max_logits
+            o, ml = attend(cfg, qf[:, :, :, None], kf, v, segment_ids, scale)
+            return o_proj(o.reshape(b, t, h * vd)), ml
 
         # Absorbed decoding over the latent cache.
         s = cfg.max_seq_len

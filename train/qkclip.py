@@ -19,9 +19,12 @@ def qk_clip_targets(cfg: ModelConfig) -> list[tuple[optim.QKClipTarget, slice]]:
     the rows of the model's `max_logits [layers, heads]` it owns."""
     if cfg.qk_norm:
         raise ValueError("qk_clip has no effect with qk_norm (the norm removes the weights' scale)")
-    if cfg.attn_impl != "explicit":
-        raise ValueError(f"qk_clip needs the max-logit statistic, which attn_impl="
-                         f"{cfg.attn_impl!r} does not compute (use attn_impl='explicit')")
+    exact = cfg.attn_max_logits is True or (
+        cfg.attn_max_logits is None and cfg.attn_impl in ("explicit", "flash"))
+    if not exact:
+        raise ValueError(f"qk_clip needs exact max logits: set attn_max_logits=True (now "
+                         f"{cfg.attn_max_logits!r}) or attn_impl='explicit'|'flash' (now "
+                         f"{cfg.attn_impl!r})")
     out = []
     for a in attention_param_paths(cfg):
         if a.kind == "mla":

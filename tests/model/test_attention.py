@@ -1,8 +1,8 @@
 """Attention: causality, packed segments, cached decode == full forward (MHA, GQA, MLA with
 and without q_lora, scanned or not, per-row positions), the MLA latent cache size, max_logits
-and a one-layer forward against a numpy reference, the `jax.nn.dot_product_attention` path ==
-the explicit one (values and gradients), its reported fallback from cuDNN, the parameter
-paths `attention_param_paths` gives QK-clip, and RoPE invariants."""
+and a one-layer forward against a numpy reference, the blockwise "flash" backend == the
+explicit one in the model (values, max logits, gradients), cuDNN refusing where it cannot
+run, the parameter paths `attention_param_paths` gives QK-clip, and RoPE invariants."""
 
 import functools
 
@@ -252,15 +252,19 @@ def test_mla_max_logits_match_numpy(make_model):
     np.testing.assert_allclose(np.asarray(aux["max_logits"][0]), maxes, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gqa", "mla"])
-def test_dot_product_attention_equals_explicit(make_model, jit, name):
-    """attn_impl="dot_product" (jax.nn.dot_product_attention; XLA's on CPU) gives the explicit
-    path's logits and gradients with packed segments, and NaN max logits (not computed)."""
-    cfg = CONFIGS[name].replace(v_head_dim=6) if name == "mla" else CONFIGS[name]
+@pytest.mark.parametrize("name", ["mha", "gqa", "mla", "mla_moe"])
+def test_flash_backend_equals_explicit_in_the_model(make_model, jit, monkeypatch, name):
+    """attn_impl="flash" (blockwise, here 4 blocks of 4 tokens) gives the explicit path's
+    logits, exact max logits and gradients, with packed segments; MLA with v_head_dim !=
+    the q/k head size."""
+    monkeypatch.setattr(attention, "default_block", lambda: 4)
+    cfg = CONFIGS[name].replace(attn_impl="explicit")
+    if name == "mla":
+        cfg = cfg.replace(v_head_dim=6)
     model, variables, _ = make_model(cfg)
-    fused = type(model)(cfg.replace(attn_impl="dot_product"))
+    flash = type(model)(cfg.replace(attn_impl="flash"))
     tokens = _tokens((B, T))
-    seg = jnp.asarray(np.repeat([[1] * 6 + [2] * 10], B, axis=0), jnp.int32)
+    seg = jnp.asarray(np.repeat([[1] * 6 + [2] * 7 + [3] * 3], B, axis=0), jnp.int32)
 
     def loss(m):
         def f(v):
@@ -269,30 +273,20 @@ def test_dot_product_attention_equals_explicit(make_model, jit, name):
         return jit(jax.value_and_grad(f, has_aux=True))(variables)
 
     (_, (ref, ref_max)), ref_g = loss(model)
-    (_, (got, got_max)), got_g = loss(fused)
+    (_, (got, got_max)), got_g = loss(flash)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got_max), np.asarray(ref_max), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=2e-4)
-    assert np.all(np.isfinite(np.asarray(ref_max))) and np.all(np.isnan(np.asarray(got_max)))
 
 
-def test_dot_product_attention_reports_cudnn_fallback(make_model, jit, monkeypatch):
-    """attn_impl="dot_product" asks for cuDNN flash attention on GPU (simulated here); where
-    cuDNN cannot run (on this CPU: no cuDNN) it warns with the reason and runs XLA's
-    attention, which gives the explicit path's logits. Asked for explicitly, cuDNN raises."""
-    monkeypatch.setattr(attention, "_auto_implementation", lambda: "cudnn")
-    model, variables, ref_fwd = make_model(GQA)
+def test_cudnn_backend_refuses_to_run_on_cpu(make_model):
+    """A requested cuDNN backend that cannot run raises, naming why; no silent fallback."""
+    model, variables, _ = make_model(GQA)
     fused = type(model)(GQA.replace(attn_impl="dot_product"))
-    tokens = _tokens((B, T))
-    with pytest.warns(UserWarning, match=r"cuDNN flash attention cannot run here \(\w+: .+\); "
-                                         r"using XLA's attention instead"):
-        got, _ = jit(lambda v, t: fused.apply(v, t))(variables, tokens)
-    ref, _ = ref_fwd(variables, tokens)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
-
-    q = jnp.zeros((1, 8, 2, 16), jnp.float32)
-    with pytest.raises((RuntimeError, NotImplementedError, ValueError)):
-        attention.fused_attention(q, q, q, None, 0.25, implementation="cudnn")
+    with pytest.raises(ValueError, match="attn_impl='dot_product' cannot run this case: "
+                                         "cuDNN flash attention needs an NVIDIA GPU"):
+        fused.apply(variables, _tokens((B, T)))
 
 
 @pytest.mark.parametrize("cfg", [
