@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model import lora
 from model.config import ModelConfig
 from model.matmul import matmul
 
@@ -17,8 +18,14 @@ class Linear(nn.Module):
     """`y = x W (+ b)` with an `[in, out]` kernel that carries logical axis names; the product
     is `model.matmul.matmul` (which holds the backend-specific kernel workarounds).
 
+    With `lora_rank > 0` and its module path matching `lora_targets` (`model.lora`), it also
+    holds LoRA factors `lora_a [in, r]` ~ N(0, 1/in) and `lora_b [r, out]` = 0 and computes
+    `y = x W + (lora_alpha / r) * dropout(x) A B (+ b)` (Hu et al., 2021); the dropout
+    (`lora_dropout`) only when the caller passes a `"dropout"` rng.
+
     Defined with `setup` so that the kernel itself can be read (`module.kernel`), which
-    MLA's absorbed decoding needs.
+    MLA's absorbed decoding needs: it is the effective kernel, `W + (alpha / r) A B` with
+    adapters.
     """
 
     in_features: int
@@ -28,10 +35,14 @@ class Linear(nn.Module):
     init_std: float = 0.02
     dtype: str = "float32"
     param_dtype: str = "float32"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = ""
 
     def setup(self) -> None:
         pd = jnp.dtype(self.param_dtype)
-        self.kernel = self.param(
+        self.weight = self.param(
             "kernel",
             nn.with_logical_partitioning(nn.initializers.normal(self.init_std), self.axes),
             (self.in_features, self.features),
@@ -44,10 +55,43 @@ class Linear(nn.Module):
                 (self.features,),
                 pd,
             )
+        self.adapted = self.lora_rank > 0 and lora.is_target(
+            self.lora_targets, lora.module_key(self.path))
+        if self.adapted:
+            r = self.lora_rank
+            self.lora_a = self.param(
+                "lora_a",
+                nn.with_logical_partitioning(
+                    nn.initializers.normal(1.0 / math.sqrt(self.in_features)), (self.axes[0], None)),
+                (self.in_features, r),
+                pd,
+            )
+            self.lora_b = self.param(
+                "lora_b",
+                nn.with_logical_partitioning(nn.initializers.zeros, (None, self.axes[1])),
+                (r, self.features),
+                pd,
+            )
+
+    @property
+    def kernel(self) -> jax.Array:
+        """The effective `[in, out]` kernel: `W`, or `W + (alpha / r) A B` with adapters."""
+        if not self.adapted:
+            return self.weight
+        return lora.merged_kernel(self.weight, self.lora_a, self.lora_b,
+                                  self.lora_alpha / self.lora_rank)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dt = jnp.dtype(self.dtype)
-        y = matmul(x.astype(dt), self.kernel.astype(dt))
+        y = matmul(x.astype(dt), self.weight.astype(dt))
+        if self.adapted:
+            h = x.astype(dt)
+            p = self.lora_dropout
+            if p > 0 and self.has_rng("dropout"):
+                keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - p, h.shape)
+                h = jnp.where(keep, h / jnp.asarray(1.0 - p, dt), jnp.zeros((), dt))
+            delta = matmul(matmul(h, self.lora_a.astype(dt)), self.lora_b.astype(dt))
+            y = y + delta * jnp.asarray(self.lora_alpha / self.lora_rank, dt)
         if self.use_bias:
             y = y + self.bias.astype(dt)
         return y
@@ -68,7 +112,8 @@ def dense(
     use_bias: bool = False,
     std: float | None = None,
 ) -> Linear:
-    """A `Linear` with the config's dtypes and muP-aware init."""
+    """A `Linear` with the config's dtypes, muP-aware init and LoRA settings (adapters when
+    `cfg.lora_rank > 0` and its path matches `cfg.lora_targets`)."""
     return Linear(
         in_features=in_features,
         features=features,
@@ -77,6 +122,10 @@ def dense(
         init_std=hidden_std(cfg) if std is None else std,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
+        lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        lora_targets=cfg.lora_targets,
         name=name,
     )
 

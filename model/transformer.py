@@ -134,7 +134,7 @@ class Transformer(nn.Module):
                 scanned = nn.scan(
                     _block_cls(cfg, True),
                     variable_axes={"params": 0, "router_bias": 0, "cache": 0},
-                    split_rngs={"params": True},
+                    split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast, nn.broadcast),
                     length=n,
                     metadata_params={nn.PARTITION_NAME: "layers"},

@@ -2,8 +2,9 @@
 
 import: a Hugging Face checkpoint directory -> an Orbax checkpoint (`model.hf.checkpoint`)
 that `python -m train --config.init_from=DST` starts from. export: the reverse, to a
-directory `transformers.AutoModelForCausalLM.from_pretrained` loads. DST must be new or an
-empty directory: nothing is overwritten, and a failed run leaves it as it was. A user
+directory `transformers.AutoModelForCausalLM.from_pretrained` loads, LoRA adapters merged
+into the weights (`model.lora.merge_lora`). DST must be new or an empty directory: nothing
+is overwritten, and a failed run leaves it as it was. A user
 mistake (bad path or arguments, unsupported architecture, a malformed config.json or
 safetensors file, mismatched tensors, a non-empty DST) prints one line `error: ...` naming
 the file and exits with 2.

@@ -32,6 +32,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from model import lora
 from model.config import ModelConfig
 from model.hf.convert import abstract_variables, load, save
 from model.hf.safetensors_io import read_json_object
@@ -227,7 +228,9 @@ def export_checkpoint(
     """Orbax checkpoint `src` (from `import_checkpoint` or `write_orbax`) -> HF directory
     `dst`, keeping the original token ids and tokenizer files when `src` has them. `dst`
     must be new or an empty directory (`ValueError` naming it otherwise, before anything
-    is read); if the export fails, `dst` is left as it was."""
+    is read); if the export fails, `dst` is left as it was. LoRA adapters (`model.lora`)
+    are merged into their kernels (`W + alpha/r * A @ B`): the written weights are those of
+    the adapted model, and the returned config has `lora_rank=0`."""
     check_destination(dst)
     cfg, variables = read_orbax(src)
     extra = None
@@ -237,4 +240,4 @@ def export_checkpoint(
     with _new_destination(dst):
         save(dst, cfg, variables, dtype=dtype, max_shard_bytes=max_shard_bytes, extra_config=extra)
         copy_tokenizer(src, dst)
-    return cfg
+    return lora.base_config(cfg)

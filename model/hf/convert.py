@@ -45,6 +45,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from model import lora
 from model.config import ModelConfig
 from model.hf.safetensors_io import SafetensorsReader, read_json_object, write_safetensors
 from model.sharding import logical_to_sharding
@@ -772,6 +773,7 @@ def save(
     """Writes `variables` of a `config` model as an HF checkpoint directory (`config.json`
     + safetensors) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
+    LoRA adapters (`model.lora`) are merged into their kernels (`W + alpha/r * A @ B`).
     One tensor is fetched from the devices at a time. Embedding scaling and the muP output
     multiplier are folded into the (untied) embedding / LM head, since HF models have
     neither. Single-process only (each array must be fully addressable).
@@ -788,6 +790,9 @@ def save(
     """
     cfg = config
     variables = nn.unbox(variables)
+    if cfg.lora_rank:  # HF models have no adapters: write the adapted model's weights
+        variables = dict(variables, params=lora.merge_lora(cfg, variables["params"]))
+        cfg = lora.base_config(cfg)
     dtype = dtype or cfg.param_dtype
     family = export_family(cfg)
     layout = Layout(family, rope_interleave=family == "deepseek_v3")
