@@ -12,6 +12,8 @@ import math
 from typing import Any, Literal
 
 _DTYPES = ("float32", "bfloat16", "float16")
+#: `ModelConfig.lora_targets` default: every attention projection and dense SwiGLU matrix.
+LORA_DEFAULT_TARGETS = r"layers/(attn|mlp)/\w+"
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -60,11 +62,16 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
     attn_logit_scale: Literal["sqrt", "inverse"] = "sqrt"  # 1/sqrt(d) or muP's 1/d
-    # Training/eval attention kernel: "explicit" (einsum + masked softmax; reports the
-    # per-head max logit QK-clip needs) or "dot_product" (`jax.nn.dot_product_attention`:
-    # cuDNN flash attention on GPU, XLA elsewhere; no max-logit statistic, so no QK-clip).
-    # Cached decoding always uses the explicit path.
-    attn_impl: Literal["explicit", "dot_product"] = "explicit"
+    # Training/eval attention backend (model/attention.py): "auto" (per device and shape:
+    # cuDNN on a GPU where it can run the case, else blockwise "flash" for long sequences,
+    # else "explicit"), "explicit" (einsum + masked softmax, [T, T] scores), "flash"
+    # (blockwise, O(T) memory, any device), "cudnn" (NVIDIA GPUs; "dot_product" is its old
+    # name). Cached decoding always uses the explicit path.
+    attn_impl: Literal["auto", "explicit", "flash", "cudnn", "dot_product"] = "auto"
+    # The per-head max logit (QK-clip's statistic): None -> reported where it is free
+    # (explicit, flash); True -> always, exactly (cuDNN adds a blockwise side pass);
+    # False -> not needed. The trainer sets True when QK-clip is on.
+    attn_max_logits: bool | None = None
 
     # --- FFN / MoE (DeepSeek-V3 Sec. 2.1.2) ---
     ffn_dim: int = 256  # dense SwiGLU hidden size
@@ -99,6 +106,15 @@ class ModelConfig:
     remat: Literal["none", "full", "dots"] = "none"
     scan_layers: bool = False
 
+    # --- LoRA adapters (Hu et al. 2021; see model/lora.py) ---
+    # y = x W + (lora_alpha / lora_rank) * dropout(x) A B on every dense projection whose
+    # module path (`layers/attn/q_proj`, `layers/mlp/up_proj`, `layers/moe/shared/down_proj`;
+    # `model.lora.projection_paths(cfg)` lists them) fully matches the regex `lora_targets`.
+    lora_rank: int = 0  # r; 0 -> no adapters
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # on the adapter's input; only with a "dropout" rng (model/lora.py)
+    lora_targets: str = LORA_DEFAULT_TARGETS
+
     def __post_init__(self) -> None:
         errors: list[str] = []
 
@@ -116,8 +132,10 @@ class ModelConfig:
             self.attn_logit_scale in ("sqrt", "inverse"),
             f"attn_logit_scale={self.attn_logit_scale!r} must be 'sqrt' or 'inverse'",
         )
-        need(self.attn_impl in ("explicit", "dot_product"),
-             f"attn_impl={self.attn_impl!r} must be 'explicit' or 'dot_product'")
+        impls = ("auto", "explicit", "flash", "cudnn", "dot_product")
+        need(self.attn_impl in impls, f"attn_impl={self.attn_impl!r} must be one of {impls}")
+        need(self.attn_max_logits in (None, True, False),
+             f"attn_max_logits={self.attn_max_logits!r} must be None, True or False")
         need(
             self.rope_scaling in ("none", "linear", "llama3", "yarn"),
             f"rope_scaling={self.rope_scaling!r} must be none|linear|llama3|yarn",
@@ -196,8 +214,26 @@ class ModelConfig:
                  f"moe_dispatch={self.moe_dispatch!r} must be capacity|dropless|dense")
         need(self.mup_base_d_model >= 0, f"mup_base_d_model={self.mup_base_d_model} must be >= 0")
         need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be > 0")
+        errors.extend(self._lora_errors())
         if errors:
             raise ValueError("invalid ModelConfig: " + "; ".join(errors))
+
+    def _lora_errors(self) -> list[str]:
+        """What is wrong with the LoRA fields (`model.lora` checks the targets' matches)."""
+        errors = []
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool):
+            return [f"lora_rank={self.lora_rank!r} must be an int (0: no adapters)"]
+        if self.lora_rank < 0:
+            errors.append(f"lora_rank={self.lora_rank} must be >= 0 (0: no adapters)")
+        if not self.lora_alpha > 0:
+            errors.append(f"lora_alpha={self.lora_alpha} must be > 0")
+        if not 0 <= self.lora_dropout < 1:
+            errors.append(f"lora_dropout={self.lora_dropout} must be in [0, 1)")
+        if self.lora_rank > 0 and not errors:
+            from model.lora import target_errors  # model.lora imports this module
+
+            errors.extend(target_errors(self))
+        return errors
 
     # ---- derived quantities -------------------------------------------------------------
     @property

@@ -2,18 +2,22 @@
 
 config -> mesh -> data -> state (init, `config.init_from`, or resume) -> the jitted train
 step, run by `train.runner.run_steps` -> logs and checkpoints.
+
+`train(config, make_data)` is that job over any data with the batches of
+`train.data.DataPipeline`; supervised fine-tuning (`train.sft`) runs it on chat data.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 from ml_collections import ConfigDict
 
-from model import LOGICAL_RULES, ModelConfig, Transformer
+from model import LOGICAL_RULES, ModelConfig, Transformer, lora
 from model.sharding import batch_sharding
 from train import data as data_lib
 from train import distributed, setup
@@ -21,7 +25,7 @@ from train.errors import UserError
 from train.flops import flops_per_token, peak_flops
 from train.metrics import MetricWriter
 from train.runner import Cadence, Job, on_preemption, run_steps, write_final_metrics
-from train.step import StepOptions, TrainState, make_eval_step, make_train_step
+from train.step import LOSSES, StepOptions, TrainState, make_eval_step, make_train_step
 from train.validate import validate
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
@@ -30,6 +34,19 @@ BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "mask")
 def run(config: ConfigDict) -> dict[str, Any]:
     """Trains per `config`; returns the last logged metrics. Resumes from the latest
     checkpoint in `config.workdir/checkpoints` when there is one."""
+    return train(config, _corpus)
+
+
+def _corpus(config: ConfigDict, n_eval: int) -> data_lib.DataPipeline:
+    return data_lib.DataPipeline(
+        config.data, int(config.data.seq_len), int(config.data.batch_size), int(config.seed),
+        jax.process_index(), jax.process_count(), eval_batches=n_eval)
+
+
+def train(config: ConfigDict, make_data: Callable[[ConfigDict, int], Any]) -> dict[str, Any]:
+    """`run` with the data of `make_data(config, n_eval)`: an object with the
+    `vocab_size`, `batches(step)` and `eval_batches(n)` of `train.data.DataPipeline`
+    (`n_eval`: how many eval batches will be asked for, 0 for none)."""
     validate(config)  # every numeric field, before anything is written
     cfg = setup.model_config(config)
     distributed.initialize(config.get("distributed"))
@@ -37,21 +54,19 @@ def run(config: ConfigDict) -> dict[str, Any]:
     steps = setup.total_steps(config)
     mesh = setup.build_mesh(config)
     bsz, seq = int(config.data.batch_size), int(config.data.seq_len)
-    options = StepOptions(grad_accum=int(config.train.grad_accum),
-                          z_loss=float(config.train.z_loss), skip_nonfinite=True)
+    options = step_options(config)
+    attention = setup.attention_backend(cfg, seq)
     _check_batch(bsz, options.grad_accum, setup.data_parallel_size(mesh))
     n_eval = int(config.train.eval_batches)
     if int(config.train.eval_every) <= 0 or int(config.data.eval_permille) <= 0:
         n_eval = 0  # no evaluation: the data pipeline then needs no eval split
-    tokens = data_lib.DataPipeline(
-        config.data, seq, bsz, int(config.seed), jax.process_index(), jax.process_count(),
-        eval_batches=n_eval)
+    tokens = make_data(config, n_eval)
     _check_compat(cfg, config, tokens)
     eval_sets = tokens.eval_batches(n_eval)
     model = Transformer(cfg, mesh=mesh)
     workdir = config.workdir
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):  # errors before any write
-        tx, schedule = setup.build_optimizer(_optim_config(config, cfg, steps),
+        tx, schedule = setup.build_optimizer(setup.optim_config(config, cfg, steps),
                                              setup.abstract_params(model, seq))
         hook = setup.qk_clip_hook(config, cfg)
     with (setup.workdir_lock(workdir, lead), jax.set_mesh(mesh),
@@ -72,7 +87,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
         if lead:
             print(_state_summary(cfg, state, mesh) +
                   f"\nMFU basis: {model_flops / 1e6:.2f} MFLOPs/token; "
-                  f"peak {peak / 1e12:.3f} TFLOP/s ({peak_src})")
+                  f"peak {peak / 1e12:.3f} TFLOP/s ({peak_src})\n{attention}")
 
         data_sharding = batch_sharding(mesh)
         setup.check_process_rows(data_sharding, bsz)
@@ -109,19 +124,14 @@ def run(config: ConfigDict) -> dict[str, Any]:
     return out.last
 
 
-def _optim_config(config: ConfigDict, cfg: ModelConfig, steps: int) -> ConfigDict:
-    """`config.optim` with the schedule length (default: the run) and muP filled in."""
-    opt_cfg = ConfigDict(config.optim.to_dict())
-    if opt_cfg.total_steps is None or opt_cfg.total_steps <= 0:
-        opt_cfg.total_steps = steps
-    if cfg.mup_base_d_model:
-        opt_cfg.mup.enabled = True
-        opt_cfg.mup.width_multiplier = cfg.width_multiplier
-    elif opt_cfg.mup.enabled:
-        raise UserError(
-            "config.optim.mup.enabled needs config.model.mup_base_d_model (the base width); "
-            "set that instead: the trainer derives the width multiplier from it")
-    return opt_cfg
+def step_options(config: ConfigDict) -> StepOptions:
+    """The train step's options of `config.train` (`loss`, when the config has it:
+    "ce" | "dft", see `train.step.cross_entropy`)."""
+    loss = str(config.train.get("loss", "ce"))
+    if loss not in LOSSES:
+        raise UserError(f"config.train.loss={loss!r} must be one of {', '.join(LOSSES)}")
+    return StepOptions(grad_accum=int(config.train.grad_accum),
+                       z_loss=float(config.train.z_loss), skip_nonfinite=True, loss=loss)
 
 
 def _check_batch(bsz: int, grad_accum: int, batch_div: int) -> None:
@@ -136,22 +146,39 @@ def _check_batch(bsz: int, grad_accum: int, batch_div: int) -> None:
 
 
 def _state_summary(cfg: ModelConfig, state: TrainState, mesh) -> str:
+    """Mesh, parameter counts (trainable vs frozen: with LoRA only the adapters train) and
+    the per-device bytes of the parameters and of the optimizer state."""
     counts = cfg.param_counts()
     n_dev = mesh.devices.size
-    per_dev = 0
-    for x in jax.tree.leaves((state.params, state.opt_state)):
-        if hasattr(x, "addressable_shards") and x.addressable_shards:
-            shard = x.addressable_shards[0].data
-            per_dev += shard.size * shard.dtype.itemsize
+
+    def per_device(tree) -> int:
+        total = 0
+        for x in jax.tree.leaves(tree):
+            if hasattr(x, "addressable_shards") and x.addressable_shards:
+                shard = x.addressable_shards[0].data
+                total += shard.size * shard.dtype.itemsize
+        return total
+
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    trainable = n_params
+    adapters = ""
+    if lora.has_adapters(state.params):
+        trainable = sum(x.size for x, m in zip(jax.tree.leaves(state.params),
+                                               jax.tree.leaves(lora.adapter_mask(state.params)),
+                                               strict=True) if m)
+        adapters = (f" (LoRA r={cfg.lora_rank} on {', '.join(lora.target_paths(cfg))}; "
+                    "base weights frozen)")
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
     return (
         f"mesh {sizes} over {n_dev} {jax.devices()[0].platform} device(s); params "
         f"{counts['total'] / 1e6:.2f}M total, {counts['active'] / 1e6:.2f}M active/token; "
-        f"params+optimizer {per_dev / 2**20:.1f} MiB per device"
+        f"trainable {trainable / 1e6:.3f}M, frozen {(n_params - trainable) / 1e6:.3f}M"
+        f"{adapters}; per device: params {per_device(state.params) / 2**20:.1f} MiB, "
+        f"optimizer state {per_device(state.opt_state) / 2**20:.1f} MiB"
     )
 
 
-def _check_compat(cfg: ModelConfig, config: ConfigDict, tokens: data_lib.DataPipeline) -> None:
+def _check_compat(cfg: ModelConfig, config: ConfigDict, tokens: Any) -> None:
     if tokens.vocab_size > cfg.vocab_size:
         raise UserError(
             f"config.model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's "

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from model import ModelConfig, Transformer, max_violation, update_router_biases
+from model.attention import choose_backend
 from model.transformer import lm_head
 
 
@@ -38,29 +39,51 @@ class StepOptions:
     # Cross-entropy over chunks of about this many tokens with the LM head inside
     # (`chunked_cross_entropy`); 0: materialize the whole [tokens, vocab] float32 logits.
     ce_chunk_tokens: int = 512
+    # "ce": token cross-entropy; "dft": each token's cross-entropy weighted by
+    # stop_gradient(p(target)) (Dynamic Fine-Tuning, see `cross_entropy`). The reported
+    # `loss` and the eval loss stay the plain cross-entropy.
+    loss: str = "ce"
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} must be one of {', '.join(LOSSES)}")
+
+
+LOSSES = ("ce", "dft")
 
 
 def cross_entropy(
-    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
+    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None, *, loss: str = "ce"
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Token cross-entropy of float32 `logits [batch, length, vocab]` against
     `targets [batch, length]`.
 
+    `loss="dft"`: Dynamic Fine-Tuning, each token's cross-entropy weighted by its own
+    probability with the gradient stopped, `sum_t m_t sg(p_t) (-log p_t)` with
+    p_t = softmax(logits_t)[target_t]; its gradient is the policy gradient of the token
+    probabilities rather than of the log-probabilities.
+
     Returns:
       (summed loss over counted tokens, number of counted tokens, summed logsumexp^2).
+
+    References:
+      Wu et al. 2025, "On the Generalization of SFT: A Reinforcement Learning Perspective
+      with Reward Rectification" (DFT).
     """
     logits = logits.astype(jnp.float32)
     lse = jax.nn.logsumexp(logits, axis=-1)
     tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     m = jnp.ones_like(lse) if mask is None else mask.astype(jnp.float32)
-    return jnp.sum((lse - tgt) * m), jnp.sum(m), jnp.sum(lse * lse * m)
+    w = m * jax.lax.stop_gradient(jnp.exp(tgt - lse)) if loss == "dft" else m
+    return jnp.sum((lse - tgt) * w), jnp.sum(m), jnp.sum(lse * lse * m)
 
 
-def _scan_chunks(h, w, t, m, scale, z_loss, with_grad):
+def _scan_chunks(h, w, t, m, scale, z_loss, dft, with_grad):
     """Cross-entropy of `logits = (h @ w) * scale` over the leading (chunk) axis of
     `h [C, ..., d]` with a scan. Returns the summed (objective, ce, z) and, `with_grad`,
     d objective / d h (stacked per chunk) and d objective / d w (accumulated):
-    d objective / d logits = m * ((1 + 2 z_loss lse) softmax(logits) - onehot(t))."""
+    d objective / d logits = (a + 2 z_loss m lse) softmax(logits) - a onehot(t), with the
+    token weight a = m (cross-entropy) or m sg(p(t)) (`dft`, see `cross_entropy`)."""
 
     def body(dw, xs):
         hc, tc, mc = xs
@@ -68,12 +91,13 @@ def _scan_chunks(h, w, t, m, scale, z_loss, with_grad):
         lse = jax.nn.logsumexp(logits, axis=-1)
         hit = jnp.arange(logits.shape[-1], dtype=tc.dtype) == tc[..., None]
         tgt = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+        a = mc * jnp.exp(tgt - lse) if dft else mc
         ce, z = jnp.sum((lse - tgt) * mc), jnp.sum(lse * lse * mc)
-        sums = (ce + z_loss * z, ce, z)
+        sums = (jnp.sum((lse - tgt) * a) + z_loss * z, ce, z)
         if not with_grad:
             return dw, sums
-        coef = (mc * (1.0 + 2.0 * z_loss * lse))[..., None]
-        dl = (jnp.exp(logits - lse[..., None]) * coef - jnp.where(hit, mc[..., None], 0.0)) * scale
+        coef = (a + 2.0 * z_loss * lse * mc)[..., None]
+        dl = (jnp.exp(logits - lse[..., None]) * coef - jnp.where(hit, a[..., None], 0.0)) * scale
         dl = dl.astype(w.dtype)
         dh = jnp.einsum("...v,dv->...d", dl, w, preferred_element_type=jnp.float32)
         dwc = jnp.einsum("...d,...v->dv", hc, dl, preferred_element_type=jnp.float32)
@@ -85,19 +109,19 @@ def _scan_chunks(h, w, t, m, scale, z_loss, with_grad):
     return (sums, outs[3], dw.astype(w.dtype)) if with_grad else (sums, None, None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused_ce(h, w, t, m, scale, z_loss):
-    return _scan_chunks(h, w, t, m, scale, z_loss, with_grad=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_ce(h, w, t, m, scale, z_loss, dft):
+    return _scan_chunks(h, w, t, m, scale, z_loss, dft, with_grad=False)[0]
 
 
-def _fused_ce_fwd(h, w, t, m, scale, z_loss):
+def _fused_ce_fwd(h, w, t, m, scale, z_loss, dft):
     # The gradient of the (scalar, final) objective is computed chunk by chunk here, while
     # each chunk's logits are at hand; the backward pass only scales it.
-    sums, dh, dw = _scan_chunks(h, w, t, m, scale, z_loss, with_grad=True)
+    sums, dh, dw = _scan_chunks(h, w, t, m, scale, z_loss, dft, with_grad=True)
     return sums, (dh, dw)
 
 
-def _fused_ce_bwd(scale, z_loss, res, g):
+def _fused_ce_bwd(scale, z_loss, dft, res, g):
     dh, dw = res
     g_obj = g[0]  # ce and z leave through stop_gradient (see chunked_cross_entropy)
     return (dh * g_obj.astype(dh.dtype), dw * g_obj.astype(dw.dtype), None, None)
@@ -115,6 +139,7 @@ def chunked_cross_entropy(
     logit_scale: float = 1.0,
     z_loss: float = 0.0,
     chunk_tokens: int = 512,
+    loss: str = "ce",
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """`cross_entropy` of `logits = (hidden @ kernel) * logit_scale` without ever holding
     the whole `[tokens, vocab]` float32 logits: the LM head is applied inside a scan over
@@ -126,9 +151,12 @@ def chunked_cross_entropy(
     Args:
       hidden: `[batch, length, d_model]`; kernel: `[d_model, vocab]`;
       targets, mask: `[batch, length]`.
+      loss: "ce", or "dft" (each token's term weighted by sg(p(target)), see
+        `cross_entropy`): the objective's first term; `ce_sum` is always the cross-entropy.
     Returns:
-      `(objective, ce_sum, n, z_sum)` with `objective = ce_sum + z_loss * z_sum`. Only
-      `objective` carries a gradient (to `hidden` and `kernel`); the others are statistics.
+      `(objective, ce_sum, n, z_sum)` with `objective = ce_sum + z_loss * z_sum` ("ce").
+      Only `objective` carries a gradient (to `hidden` and `kernel`); the others are
+      statistics.
     """
     b, t, d = hidden.shape
     m = jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
@@ -141,34 +169,52 @@ def chunked_cross_entropy(
     c = (t + pad) // k
     chunks = lambda x: jnp.moveaxis(x.reshape((b, c, k) + x.shape[2:]), 1, 0)  # noqa: E731
     obj, ce, z = _fused_ce(chunks(hidden), kernel, chunks(targets.astype(jnp.int32)), chunks(m),
-                           float(logit_scale), float(z_loss))
+                           float(logit_scale), float(z_loss), loss == "dft")
     return obj, jax.lax.stop_gradient(ce), jnp.sum(m), jax.lax.stop_gradient(z)
 
 
-def _forward(model: Transformer, params, router_bias, batch, return_hidden: bool = False):
+def forward(model: Transformer, params, router_bias, batch, return_hidden: bool = False,
+            dropout_rng: jax.Array | None = None):
+    """The training forward of `batch` (`inputs`, optional `positions`, `segment_ids`):
+    `(logits or hidden, aux)`; `dropout_rng` turns on the model's dropout (LoRA's)."""
     return model.apply(
         {"params": params, "router_bias": router_bias},
         batch["inputs"],
         batch.get("positions"),
         batch.get("segment_ids"),
         return_hidden=return_hidden,
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng},
     )
 
 
-def _loss_sums(model: Transformer, params, router_bias, batch, options: StepOptions):
-    """(objective = ce_sum + z_loss * z_sum, ce_sum, n, aux) of one (micro)batch."""
+def dropout_rng(cfg: ModelConfig, state: TrainState) -> jax.Array | None:
+    """This step's dropout key (from the state's rng and step), or None when the model has
+    no dropout (`lora_dropout` with adapters), so that the program then holds no random
+    bits."""
+    if not (cfg.lora_rank and cfg.lora_dropout > 0):
+        return None
+    return jax.random.fold_in(jax.random.fold_in(state.rng, 0x6c6f7261), state.step)
+
+
+def _loss_sums(model: Transformer, params, router_bias, batch, options: StepOptions,
+               rng: jax.Array | None = None):
+    """(objective = ce_sum (DFT: its weighted sum) + z_loss * z_sum, ce_sum, n, aux) of one
+    (micro)batch."""
     chunk = options.ce_chunk_tokens
     if chunk > 0:
-        hidden, aux = _forward(model, params, router_bias, batch, return_hidden=True)
+        hidden, aux = forward(model, params, router_bias, batch, True, rng)
         kernel, scale = lm_head(model.cfg, params)
         obj, ce_sum, n, _ = chunked_cross_entropy(
             hidden, kernel, batch["targets"], batch.get("mask"), logit_scale=scale,
-            z_loss=options.z_loss, chunk_tokens=chunk,
+            z_loss=options.z_loss, chunk_tokens=chunk, loss=options.loss,
         )
         return obj, ce_sum, n, aux
-    logits, aux = _forward(model, params, router_bias, batch)
+    logits, aux = forward(model, params, router_bias, batch, False, rng)
     ce_sum, n, z_sum = cross_entropy(logits, batch["targets"], batch.get("mask"))
-    return ce_sum + options.z_loss * z_sum, ce_sum, n, aux
+    obj_sum = ce_sum
+    if options.loss != "ce":
+        obj_sum = cross_entropy(logits, batch["targets"], batch.get("mask"), loss=options.loss)[0]
+    return obj_sum + options.z_loss * z_sum, ce_sum, n, aux
 
 
 def make_apply_update(
@@ -229,8 +275,8 @@ def make_train_step(
     cfg: ModelConfig = model.cfg
     k = options.grad_accum
 
-    def micro_loss(params, router_bias, batch, n_total):
-        obj, ce_sum, _, aux = _loss_sums(model, params, router_bias, batch, options)
+    def micro_loss(params, router_bias, batch, n_total, rng):
+        obj, ce_sum, _, aux = _loss_sums(model, params, router_bias, batch, options, rng)
         loss = obj / n_total
         if "aux_loss" in aux:
             loss = loss + aux["aux_loss"] / k
@@ -238,24 +284,27 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-    def compute_grads(params, router_bias, batch):
+    def compute_grads(params, router_bias, batch, rng):
         mask = batch.get("mask")
         n_total = jnp.maximum(
             jnp.asarray(batch["targets"].size, jnp.float32) if mask is None else mask.sum(), 1.0
         )
         if k == 1:
-            (loss, (ce_sum, aux)), grads = grad_fn(params, router_bias, batch, n_total)
+            (loss, (ce_sum, aux)), grads = grad_fn(params, router_bias, batch, n_total, rng)
             return loss, ce_sum / n_total, aux, grads
         micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
 
-        def body(carry, mb):
+        def body(carry, xs):
+            mb, i = xs
             g_acc, loss_acc, ce_acc = carry
-            (loss, (ce_sum, aux)), g = grad_fn(params, router_bias, mb, n_total)
+            key = None if rng is None else jax.random.fold_in(rng, i)
+            (loss, (ce_sum, aux)), g = grad_fn(params, router_bias, mb, n_total, key)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
             return (g_acc, loss_acc + loss, ce_acc + ce_sum), aux
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        (grads, loss, ce_sum), auxes = jax.lax.scan(body, (zeros, 0.0, 0.0), micro)
+        (grads, loss, ce_sum), auxes = jax.lax.scan(body, (zeros, 0.0, 0.0),
+                                                   (micro, jnp.arange(k)))
         aux = {"max_logits": jnp.max(auxes["max_logits"], axis=0)}
         if "moe_load" in auxes:
             aux["moe_load"] = jnp.sum(auxes["moe_load"], axis=0)
@@ -267,7 +316,8 @@ def make_train_step(
     apply_update = make_apply_update(cfg, tx, post_update)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        loss, ce, aux, grads = compute_grads(state.params, state.router_bias, batch)
+        loss, ce, aux, grads = compute_grads(state.params, state.router_bias, batch,
+                                             dropout_rng(cfg, state))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, opt_state, router_bias, update_metrics = apply_update(
@@ -275,7 +325,7 @@ def make_train_step(
             state.params, state.opt_state, state.router_bias, grads, aux)
         metrics: dict[str, jax.Array] = {"loss": ce, "total_loss": loss, "grad_norm": grad_norm}
         metrics.update(update_metrics)
-        if cfg.attn_impl == "explicit":  # the fused kernel reports no max logit
+        if choose_backend(cfg, batch["inputs"].shape[1]).max_logits:
             metrics["max_logit"] = jnp.max(aux["max_logits"])
             metrics["max_logit_per_layer"] = jnp.max(aux["max_logits"], axis=-1)
         if cfg.is_moe:

@@ -7,10 +7,11 @@ The jobs call it first thing in `run` (`train.loop.run`, `rl.loop.run`). A bad v
 
 What is checked: `seed`, `train.*`, `checkpoint.*`, the numeric fields of `data`, `optim.*`
 (with `muon`, `wsd`, `mup`, `qk_clip`), every `mesh` axis size and, when the config has one,
-the `rl` section. Each field on its own: rules that relate fields or need the model, the
-task, the data or the devices (batch divisible by the mesh and `grad_accum`, `total_steps` >
-`warmup_steps`, `n_prompts` divisible by `minibatches`, lengths against `max_seq_len`, ...)
-stay where those are known (`train.loop`, `train.data`, `optim.build`, `rl.step.RLOptions`,
+the `rl` section (and likewise the `preference` section). Each field on its own: rules that
+relate fields or need the model, the task, the data or the devices (batch divisible by the
+mesh and `grad_accum`, `total_steps` > `warmup_steps`, `n_prompts` divisible by
+`minibatches`, lengths against `max_seq_len`, ...) stay where those are known (`train.loop`,
+`train.data`, `optim.build`, `rl.step.RLOptions`,
 `rl.loop`). Names (`optim.name`, `data.source`, `rl.loss`, ...) are checked by the code that
 looks them up, `model` by `ModelConfig`, `distributed` by `train.distributed`, a task's
 fields by its dataclass. A key missing from the config is skipped (the job reports it).
@@ -185,6 +186,19 @@ RL_RULES: dict[str, _Num | _Bool] = {
     "rl.warmup_target_accuracy": FRACTION,  # 0: no early stop
 }
 
+# config.preference (configs/preference.py), checked when the config has that section;
+# None: the loss's own default (hyperparameters) or auto (precompute_ref).
+PREFERENCE_RULES: dict[str, _Num | _Bool] = {
+    "preference.beta": _real(0, lo_open=True, none="the loss's default"),
+    "preference.label_smoothing": _real(0, 0.5, hi_open=True, none="the loss's default"),
+    "preference.gamma": _real(0, none="the loss's default"),
+    "preference.lam": _real(0, none="the loss's default"),
+    "preference.lambda_d": _real(0, none="the loss's default"),
+    "preference.lambda_u": _real(0, none="the loss's default"),
+    "preference.precompute_ref": _Bool(none="auto: on for dpo/ipo"),
+    "preference.chunk_tokens": _int(0),  # 0: whole logits
+}
+
 MESH_AXIS = _int(1, alt=((-1, "the remaining devices"),))
 
 
@@ -218,6 +232,8 @@ def validate(config: ConfigDict) -> None:
     rules = dict(RULES)
     if _lookup(config, "rl") is not _MISSING:
         rules.update(RL_RULES)
+    if _lookup(config, "preference") is not _MISSING:
+        rules.update(PREFERENCE_RULES)
     mesh = _lookup(config, "mesh")
     if mesh is not _MISSING and hasattr(mesh, "keys"):
         rules.update({f"mesh.{axis}": MESH_AXIS for axis in mesh.keys()})

@@ -72,11 +72,13 @@ def test_nonfinite_step_is_skipped_and_counted():
 
 
 def test_qk_clip_hook_caps_max_logit_in_the_step():
-    for attention in ("mha", "mla"):
+    for attention, impl in (("mha", "explicit"), ("mla", "explicit"), ("mha", "flash"),
+                            ("mla", "flash")):
         # One layer: clipping a layer changes the inputs of the layers above it.
         cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, ffn_dim=64,
                           max_seq_len=32, attention=attention, kv_lora_rank=16,
-                          qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, init_std=0.5)
+                          qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, init_std=0.5,
+                          attn_impl=impl)
         model = Transformer(cfg)
         tx = optax.sgd(0.0)  # no learning: only the clip changes the weights
         s0 = make_state(model, tx)
@@ -167,12 +169,90 @@ def test_chunked_and_full_logits_steps_agree(tie):
         np.testing.assert_allclose(a, c, atol=1e-6)
 
 
-def test_dot_product_attention_step_reports_no_max_logit_and_refuses_qk_clip():
+def test_step_logs_max_logit_only_where_the_backend_gives_it(monkeypatch):
+    """A backend without the statistic (cuDNN asked for no max logit; stood in for here by
+    patching the choice) logs no max_logit, and the QK-clip hook refuses such a config;
+    the blockwise backend logs the explicit path's max logit."""
+    from model import attention
+
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, ffn_dim=64, max_seq_len=32,
-                      attn_impl="dot_product")
-    model = Transformer(cfg)
+                      attn_impl="flash")
     tx = optax.sgd(0.1)
+    logged = {}
+    for impl in ("flash", "explicit"):
+        model = Transformer(cfg.replace(attn_impl=impl))
+        _, m = jax.jit(make_train_step(model, tx))(make_state(model, tx), batch())
+        logged[impl] = float(m["max_logit"])
+    np.testing.assert_allclose(logged["flash"], logged["explicit"], rtol=1e-6)
+
+    monkeypatch.setattr("train.step.choose_backend",
+                        lambda c, t: attention.Backend("cudnn", False, "test"))
+    model = Transformer(cfg)
     _, m = jax.jit(make_train_step(model, tx))(make_state(model, tx), batch())
     assert "max_logit" not in m and np.isfinite(float(m["loss"]))
-    with pytest.raises(ValueError, match="attn_impl"):
-        make_qk_clip_hook(cfg, 10.0)
+    for bad in (cfg.replace(attn_impl="cudnn"), cfg.replace(attn_max_logits=False),
+                cfg.replace(attn_impl="auto")):
+        with pytest.raises(ValueError, match="qk_clip needs exact max logits"):
+            make_qk_clip_hook(bad, 10.0)
+    make_qk_clip_hook(cfg.replace(attn_impl="auto", attn_max_logits=True), 10.0)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_lora_dropout_is_applied_in_the_step_and_reproducible(scan):
+    """With LoRA adapters and lora_dropout > 0 the train step draws the dropout mask from the
+    state's rng and step (scanned layers included): the same state gives the same update,
+    and it differs from the update without dropout."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, ffn_dim=64,
+                      max_seq_len=32, lora_rank=4, scan_layers=scan)
+    tx = optax.sgd(0.5)
+    b = batch()
+    losses = {}
+    for p in (0.0, 0.5):
+        model = Transformer(cfg.replace(lora_dropout=p))
+        s0 = make_state(model, tx)
+        # B = 0 at init: move it so that the adapters contribute to the forward.
+        s0 = s0.replace(params=jax.tree_util.tree_map_with_path(
+            lambda path, x: x + 0.1 if "lora_b" in jax.tree_util.keystr(path) else x,
+            s0.params))
+        step = jax.jit(make_train_step(model, tx))
+        (_, m1), (_, m2) = step(s0, b), step(s0, b)
+        assert float(m1["loss"]) == float(m2["loss"])
+        losses[p] = float(m1["loss"])
+    assert losses[0.0] != losses[0.5]
+
+
+def test_qk_clip_with_flash_attention_sharded_equals_single_device(monkeypatch):
+    """QK-clip from the blockwise backend's max logits (several blocks) on an 8-device mesh
+    (batch over data x fsdp, heads over tensor: the max is reduced across devices) gives the
+    single-device update, and every clipped head's recomputed max logit is tau."""
+    import flax.linen as nn
+
+    from model import LOGICAL_RULES, attention, make_mesh
+    from model.sharding import batch_sharding
+    from train import setup
+
+    monkeypatch.setattr(attention, "default_block", lambda: 4)
+    # One layer: clipping a layer changes the inputs of the layers above it.
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2,
+                      ffn_dim=64, max_seq_len=32, init_std=0.5, attn_impl="flash",
+                      attn_max_logits=True)
+    tx = optax.sgd(0.0)  # only the clip changes the weights
+    b = batch(t=14)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        model = Transformer(cfg, mesh=mesh)
+        s0 = setup.init_state(model, tx, mesh, 0, 14)
+        _, aux = jax.jit(model.apply)({"params": s0.params}, b["inputs"])
+        tau = float(jnp.min(aux["max_logits"])) * 0.7
+        hook = make_qk_clip_hook(cfg, tau)
+        placed = jax.device_put(b, batch_sharding(mesh))
+        sharded, m = jax.jit(make_train_step(model, tx, post_update=hook))(s0, placed)
+        sharded_params = jax.device_get(sharded.params)
+    single_model = Transformer(cfg)
+    s0_single = jax.device_put(jax.device_get(s0), jax.devices()[0])
+    single, _ = jax.jit(make_train_step(single_model, tx, post_update=hook))(s0_single, b)
+    for a, c in zip(jax.tree.leaves(sharded_params), jax.tree.leaves(single.params), strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+    assert float(m["qk_clip/frac_clipped"]) > 0.5
+    _, aux1 = single_model.apply({"params": single.params}, b["inputs"])
+    np.testing.assert_allclose(np.minimum(aux["max_logits"], tau), aux1["max_logits"], rtol=1e-4)
