@@ -88,10 +88,16 @@ class ModelConfig:
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (V3 uses 1e-4)
     bias_update_rate: float = 1e-3  # u of the loss-free balancing update
     capacity_factor: float = 2.0  # expert capacity = ceil(cf * tokens * top_k / experts)
-    # Token dispatch to the routed experts (see model/moe.py): "capacity" (per-expert buffers
-    # of the size above, overflow dropped), "dropless" (sorted by expert, grouped matmul over
-    # row blocks, nothing dropped), "dense" (every token through every expert, one-hot gates).
-    moe_dispatch: Literal["capacity", "dropless", "dense"] = "capacity"
+    # Token dispatch to the routed experts (model/moe.py, `choose_moe`): "auto" (per device:
+    # dropless on CPU and TPU and on Hopper GPUs with the Pallas grouped GEMM, capacity on
+    # other GPUs), "capacity" (per-expert buffers of the size above, overflow dropped),
+    # "dropless" (sorted by expert, a grouped GEMM, nothing dropped), "dense" (every token
+    # through every expert, one-hot gates).
+    moe_dispatch: Literal["auto", "capacity", "dropless", "dense"] = "auto"
+    # The grouped GEMM of the dropless dispatch (model/grouped_matmul.py): "auto", "blocks"
+    # (a loop over row blocks: CPU), "ragged_dot" (jax.lax.ragged_dot), "megablox" (TPU
+    # Pallas; interpret mode on CPU), "pallas_gpu" (Hopper Pallas).
+    moe_gemm: Literal["auto", "blocks", "ragged_dot", "megablox", "pallas_gpu"] = "auto"
 
     # --- embeddings / head / norms ---
     tie_embeddings: bool = False
@@ -210,8 +216,10 @@ class ModelConfig:
                 f"first_k_dense={self.first_k_dense} must be in [0, n_layers={self.n_layers}]",
             )
             need(self.capacity_factor > 0, f"capacity_factor={self.capacity_factor} must be > 0")
-            need(self.moe_dispatch in ("capacity", "dropless", "dense"),
-                 f"moe_dispatch={self.moe_dispatch!r} must be capacity|dropless|dense")
+            need(self.moe_dispatch in ("auto", "capacity", "dropless", "dense"),
+                 f"moe_dispatch={self.moe_dispatch!r} must be auto|capacity|dropless|dense")
+            gemms = ("auto", "blocks", "ragged_dot", "megablox", "pallas_gpu")
+            need(self.moe_gemm in gemms, f"moe_gemm={self.moe_gemm!r} must be one of {gemms}")
         need(self.mup_base_d_model >= 0, f"mup_base_d_model={self.mup_base_d_model} must be >= 0")
         need(self.norm_eps > 0, f"norm_eps={self.norm_eps} must be > 0")
         errors.extend(self._lora_errors())

@@ -8,28 +8,33 @@ in the `router_bias` variable collection); the gate of a chosen expert is its ra
 normalized over the chosen experts, times `routed_scaling_factor`. After each step
 `update_router_bias` moves b_i by u * sign(mean_load - load_i).
 
-Dispatch (`ModelConfig.moe_dispatch`):
+Dispatch (`ModelConfig.moe_dispatch`; `choose_moe` resolves "auto" per device and prints
+as `moe: ...` at the start of a run):
 
-- `"capacity"` (default): each expert processes at most
+- `"capacity"`: each expert processes at most
   C = ceil(capacity_factor * tokens * top_k / experts) tokens in a `[experts, C, d_model]`
   buffer (one batched matmul per projection, sharded on the `expert` axis); assignments past
   an expert's capacity are dropped (top-1 choices have priority over top-2, ...) and their
-  fraction is reported. Compute is O(capacity_factor * tokens * top_k).
-- `"dropless"`: the (token, expert) assignments are sorted by expert and laid out in row
-  blocks of `B` rows, each expert's rows padded to a multiple of `B` (MegaBlocks, Gale et
-  al. 2022); a scan over the blocks applies each block's expert (a grouped matmul) and skips
-  the unused tail blocks, so compute is tokens * top_k rows plus under `B` padding rows per
-  expert, and nothing is dropped. When the module is given a `mesh` whose `expert` axis
-  (the mesh axis the logical rules map `act_expert` to) has size > 1, the blocks of each
-  device's experts are computed where the experts live, tokens travelling there and back
-  with two `all_to_all`s (`jax.shard_map` over `expert`); `mesh=None` runs the
-  single-program path (which the partitioner may still shard).
+  fraction is reported. Slots come from a stable sort by expert, not a one-hot cumsum.
+  Compute is O(capacity_factor * tokens * top_k).
+- `"dropless"`: the (token, expert) assignments are sorted by expert, each expert's rows go
+  through its SwiGLU in a grouped GEMM (`model.grouped_matmul`, `ModelConfig.moe_gemm`: the
+  block loop on CPU, megablox on TPU, the Hopper Pallas kernels on H100/H200,
+  `jax.lax.ragged_dot` anywhere), and the outputs are unsorted and combined with the gates;
+  nothing is dropped and nothing goes to the host inside the step. When the module is given
+  a `mesh` whose `expert` axis (the mesh axis the logical rules map `act_expert` to) has
+  size > 1, each device's experts run where they live, tokens travelling there and back
+  with two `all_to_all`s (`jax.shard_map` over `expert`), through the same grouped GEMM;
+  `mesh=None` runs the single-program path (which the partitioner may still shard).
 - `"dense"`: every token through every expert, outputs combined with one-hot gates:
   O(tokens * experts), the reference the others are measured against.
+- `"auto"` (default): dropless on CPU, TPU and Hopper GPUs (where the Pallas kernels pass a
+  self-check), capacity on other GPUs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -40,6 +45,7 @@ from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
+from model.grouped_matmul import expert_swiglu, grouped_moe, pallas_gpu_problem, sort_by_expert
 from model.layers import Linear, SwiGLU, constrain, hidden_std
 
 
@@ -133,135 +139,58 @@ def sequence_aux_loss(
     return jnp.mean(jnp.sum(f * p, axis=-1))
 
 
+@dataclasses.dataclass(frozen=True)
+class MoEBackend:
+    """How the routed experts run: `dispatch` (capacity | dropless | dense), the grouped
+    GEMM of the dropless dispatch (`gemm`, one of `model.grouped_matmul.GEMMS`; None for
+    the others) and why."""
+
+    dispatch: str
+    gemm: str | None
+    reason: str
+
+    def describe(self) -> str:
+        how = self.dispatch + (f" / {self.gemm}" if self.gemm else "")
+        return f"moe: {how} ({self.reason})"
+
+
+def choose_moe(cfg: ModelConfig, platform: str | None = None) -> MoEBackend:
+    """The MoE dispatch and grouped GEMM for `cfg.moe_dispatch` / `cfg.moe_gemm` on
+    `platform` (default: this process's JAX backend). "auto" picks per device: CPU -> the
+    dropless block loop; TPU -> dropless with the megablox kernels; an NVIDIA Hopper GPU
+    where the Pallas kernels pass their self-check -> dropless with them; other GPUs ->
+    the capacity buffers (batched einsums). A requested backend that cannot run here
+    raises `ValueError` naming why."""
+    platform = platform or jax.default_backend()
+    gemm = cfg.moe_gemm
+    if cfg.moe_dispatch in ("capacity", "dense"):
+        return MoEBackend(cfg.moe_dispatch, None, "requested")
+    if gemm == "pallas_gpu" or (gemm == "auto" and platform == "gpu"):
+        problem = pallas_gpu_problem(cfg.dtype) if platform == "gpu" else (
+            f"needs an NVIDIA Hopper GPU; this process runs on {platform}")
+        if gemm == "pallas_gpu" and problem:
+            raise ValueError(f"moe_gemm='pallas_gpu' cannot run: {problem}")
+        if problem is None:
+            return MoEBackend("dropless", "pallas_gpu",
+                              "requested" if gemm != "auto" else "auto: Hopper GPU")
+        if cfg.moe_dispatch == "auto":
+            return MoEBackend("capacity", None,
+                              f"auto: the Hopper grouped-GEMM kernels {problem}")
+        return MoEBackend("dropless", "ragged_dot", f"auto: Pallas kernels {problem}")
+    if gemm == "megablox" and platform not in ("tpu", "cpu"):
+        raise ValueError(f"moe_gemm='megablox' runs on TPU (or in interpret mode on CPU), "
+                         f"not on {platform}")
+    if gemm != "auto":
+        note = " (Pallas interpret mode: slow)" if gemm == "megablox" and platform == "cpu" else ""
+        return MoEBackend("dropless", gemm, "requested" + note)
+    if platform == "tpu":
+        return MoEBackend("dropless", "megablox", "auto: TPU")
+    return MoEBackend("dropless", "blocks", f"auto: {platform}")
+
+
 def capacity(n_tokens: int, n_experts: int, top_k: int, factor: float) -> int:
     """Per-expert buffer size: ceil(factor * tokens * top_k / experts), at most `tokens`."""
     return max(1, min(n_tokens, math.ceil(factor * n_tokens * top_k / n_experts)))
-
-
-def block_rows(n_assign: int, n_experts: int) -> int:
-    """Rows per block of the dropless grouped matmul: a power of two near a quarter of the
-    mean expert load, in [8, 128] (padding waste < B rows per expert)."""
-    target = max(1, n_assign // (4 * n_experts))
-    return max(8, min(128, 1 << (target.bit_length() - 1)))
-
-
-def sorted_layout(
-    flat_e: jax.Array, n_experts: int, block: int
-) -> tuple[jax.Array, jax.Array, jax.Array, int]:
-    """The dropless row layout of assignments `flat_e [A]` (expert ids).
-
-    Assignments are sorted by expert (stably) and expert e's rows start at a multiple of
-    `block`. Returns `(row [A]`: row of each assignment, `first [E]`: first block of each
-    expert, `n_blocks [E]`: blocks of each expert = ceil(load_e / block)`, rows)` where
-    `rows = block * ((A + E (block - 1)) // block)` is the static bound on the layout."""
-    a = flat_e.shape[0]
-    e, b = n_experts, block
-    counts = jnp.zeros((e,), jnp.int32).at[flat_e].add(1)
-    n_blocks = (counts + b - 1) // b
-    first = jnp.cumsum(n_blocks) - n_blocks
-    start = jnp.cumsum(counts) - counts
-    order = jnp.argsort(flat_e, stable=True)
-    se = flat_e[order]
-    row_sorted = first[se] * b + jnp.arange(a, dtype=jnp.int32) - start[se]
-    row = jnp.zeros((a,), jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
-    return row, first.astype(jnp.int32), n_blocks.astype(jnp.int32), b * ((a + e * (b - 1)) // b)
-
-
-def _silu_grad(g: jax.Array) -> jax.Array:
-    s = jax.nn.sigmoid(g)
-    return s * (1 + g * (1 - s))
-
-
-def _expert_loops(body, carry, b0, nb, block, rows):
-    """Runs `body(size, row0, carry)` over the `nb` blocks of `block` rows from block `b0`:
-    first as many chunks of `4 * block` rows as fit, then the remaining single blocks (fewer
-    loop steps and larger matmuls than single blocks only; rows are still padded to
-    `block`, so the waste stays under `block` rows per expert). A layout of fewer than
-    `4 * block` rows (few tokens: a decode step) has no chunk and runs single blocks only."""
-    big = 4 * block
-    if rows < big:  # a chunk's static slice would not fit in the layout
-        return jax.lax.fori_loop(0, nb, lambda j, c: body(block, (b0 + j) * block, c), carry)
-    n_big = nb // 4
-    carry = jax.lax.fori_loop(0, n_big, lambda j, c: body(big, (b0 + 4 * j) * block, c), carry)
-    start = b0 + 4 * n_big
-    return jax.lax.fori_loop(0, nb - 4 * n_big,
-                             lambda j, c: body(block, (start + j) * block, c), carry)
-
-
-def _grouped_fwd(xs, first, n_blocks, w_gate, w_up, w_down, block):
-    """Forward of `grouped_swiglu`, also returning the gate/up pre-activations `[rows, 2f]`
-    for the backward. Gate and up are one matmul per block (their weights concatenated per
-    expert)."""
-    rows, d = xs.shape
-    f = w_gate.shape[-1]
-    dslice = jax.lax.dynamic_slice_in_dim
-    dupdate = jax.lax.dynamic_update_slice_in_dim
-
-    def expert(carry, inp):
-        wg, wu, wd, b0, nb = inp
-        wgu = jnp.concatenate([wg, wu], axis=-1)
-
-        def body(size, r0, c):
-            ys, gus = c
-            gu = dslice(xs, r0, size) @ wgu
-            y = (nn.silu(gu[:, :f]) * gu[:, f:]) @ wd
-            return dupdate(ys, y, r0, 0), dupdate(gus, gu, r0, 0)
-
-        return _expert_loops(body, carry, b0, nb, block, rows), None
-
-    init = (jnp.zeros((rows, d), xs.dtype), jnp.zeros((rows, 2 * f), xs.dtype))
-    (ys, gus), _ = jax.lax.scan(expert, init, (w_gate, w_up, w_down, first, n_blocks))
-    return ys, gus
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def grouped_swiglu(xs, first, n_blocks, w_gate, w_up, w_down, block):
-    """Grouped SwiGLU over the sorted row layout (`sorted_layout`): rows of blocks
-    `first[e] .. first[e] + n_blocks[e] - 1` of `xs [rows, d]` go through expert e of the
-    stacked `[E, ...]` weights; other rows give 0. Only the blocks in use are computed (a
-    loop per expert with a data-dependent trip count), in the backward pass too (custom VJP:
-    each expert's weight gradient is accumulated over its own blocks only)."""
-    return _grouped_fwd(xs, first, n_blocks, w_gate, w_up, w_down, block)[0]
-
-
-def _grouped_vjp_fwd(xs, first, n_blocks, w_gate, w_up, w_down, block):
-    ys, gus = _grouped_fwd(xs, first, n_blocks, w_gate, w_up, w_down, block)
-    return ys, (xs, gus, first, n_blocks, w_gate, w_up, w_down)
-
-
-def _grouped_vjp_bwd(block, res, dys):
-    xs, gus, first, n_blocks, w_gate, w_up, w_down = res
-    f = w_gate.shape[-1]
-    dslice = jax.lax.dynamic_slice_in_dim
-    f32 = jnp.float32
-
-    def expert(dx, inp):
-        wg, wu, wd, b0, nb = inp
-        wgu = jnp.concatenate([wg, wu], axis=-1)
-
-        def body(size, r0, c):
-            dx, dwgu, dwd = c
-            x, gu, dy = (dslice(a, r0, size) for a in (xs, gus, dys))
-            g, u = gu[:, :f], gu[:, f:]
-            sg = nn.silu(g)
-            dwd = dwd + jnp.einsum("bf,bd->fd", sg * u, dy, preferred_element_type=f32)
-            dh = dy @ wd.T
-            dgu = jnp.concatenate([dh * u * _silu_grad(g), dh * sg], axis=-1)
-            dwgu = dwgu + jnp.einsum("bd,bf->df", x, dgu, preferred_element_type=f32)
-            dxb = (dgu @ wgu.T).astype(dx.dtype)
-            return jax.lax.dynamic_update_slice_in_dim(dx, dxb, r0, 0), dwgu, dwd
-
-        zeros = (jnp.zeros(wgu.shape, f32), jnp.zeros(wd.shape, f32))
-        dx, dwgu, dwd = _expert_loops(body, (dx, *zeros), b0, nb, block, xs.shape[0])
-        return dx, (dwgu[:, :f], dwgu[:, f:], dwd)
-
-    dx, (dwg, dwu, dwd) = jax.lax.scan(
-        expert, jnp.zeros_like(xs), (w_gate, w_up, w_down, first, n_blocks))
-    return (dx, None, None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype),
-            dwd.astype(w_down.dtype))
-
-
-grouped_swiglu.defvjp(_grouped_vjp_fwd, _grouped_vjp_bwd)
 
 
 class Experts(nn.Module):
@@ -310,33 +239,25 @@ class Experts(nn.Module):
 
     def dropless(self, x: jax.Array, idx: jax.Array, gates: jax.Array) -> jax.Array:
         """Sorted dispatch: `x [n, d]`, chosen experts `idx [n, k]` and their `gates [n, k]`
-        -> `sum_k gates * expert_k(x)` `[n, d]`, every assignment computed. Expert-parallel
-        (`expert_parallel_dropless`) when `self.mesh` splits the expert axis."""
+        -> `sum_k gates * expert_k(x)` `[n, d]`, every assignment computed by the grouped
+        GEMM `choose_moe(cfg).gemm`. Expert-parallel (`expert_parallel_dropless`) when
+        `self.mesh` splits the expert axis."""
         w = self._weights()
         x = x.astype(w[0].dtype)
+        gemm = choose_moe(self.cfg).gemm
         ep = _expert_mesh(self.mesh, self.cfg.n_routed_experts, x.shape[0])
         if ep is not None:
-            return expert_parallel_dropless(x, idx, gates, w, *ep)
-        return dropless_combine(x, idx, gates, w)
+            return expert_parallel_dropless(x, idx, gates, w, *ep, gemm=gemm)
+        return grouped_moe(x, idx, gates, w, gemm)
 
 
-def dropless_combine(
-    x: jax.Array, idx: jax.Array, gates: jax.Array, w: tuple[jax.Array, jax.Array, jax.Array],
-    block: int | None = None,
-) -> jax.Array:
-    """Single-device dropless MoE: `sum_k gates[:, k] * expert_{idx[:, k]}(x)`."""
-    n, d = x.shape
-    k, e = idx.shape[1], w[0].shape[0]
-    flat_e = idx.reshape(n * k)  # token-major
-    block = block or block_rows(n * k, e)
-    row, first, n_blocks, rows = sorted_layout(flat_e, e, block)
-    # Gather rows from x (row -> token; empty rows read a zero row appended at index n).
-    row_tok = jnp.full((rows,), n, jnp.int32).at[row].set(
-        jnp.repeat(jnp.arange(n, dtype=jnp.int32), k))
-    xs = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[row_tok]
-    ys = grouped_swiglu(xs, first, n_blocks, *w, block)
-    y = ys[row].reshape(n, k, d)
-    return jnp.einsum("nkd,nk->nd", y, gates.astype(y.dtype))
+def _slot_in_expert(flat_e: jax.Array, n_experts: int) -> jax.Array:
+    """Each assignment's slot among the earlier assignments to its expert (`flat_e [A]`
+    expert ids, in priority order), by a stable sort: no `[A, experts]` one-hot."""
+    order, sizes = sort_by_expert(flat_e, n_experts)
+    start = jnp.cumsum(sizes) - sizes
+    slot_sorted = jnp.arange(flat_e.shape[0], dtype=jnp.int32) - start[flat_e[order]]
+    return jnp.zeros_like(order).at[order].set(slot_sorted)
 
 
 def _capacity_dispatch(
@@ -349,8 +270,7 @@ def _capacity_dispatch(
     k, e = idx.shape[1], experts.cfg.n_routed_experts
     flat_e = idx.T.reshape(k * n)  # [k*n]
     tok = jnp.tile(jnp.arange(n), k)
-    onehot = jax.nn.one_hot(flat_e, e, dtype=jnp.int32)
-    pos = jnp.sum((jnp.cumsum(onehot, axis=0) - 1) * onehot, axis=-1)  # slot in expert
+    pos = _slot_in_expert(flat_e, e)
     keep = pos < c
     buf = jnp.zeros((e, c, d), xf.dtype).at[flat_e, pos].set(xf[tok], mode="drop")
     buf = constrain(buf, ("act_expert", "capacity", "act_embed"))
@@ -380,6 +300,7 @@ def _expert_mesh(
 def expert_parallel_dropless(
     x: jax.Array, idx: jax.Array, gates: jax.Array,
     w: tuple[jax.Array, jax.Array, jax.Array], mesh: Mesh | AbstractMesh, axis: str,
+    gemm: str = "blocks",
 ) -> jax.Array:
     """Dropless MoE with the experts split over mesh axis `axis` (expert parallelism).
 
@@ -387,15 +308,15 @@ def expert_parallel_dropless(
     holds `n / ep` tokens and `E / ep` experts. It sorts its assignments by expert (so by
     destination device), sends them with one `all_to_all` (a slot of `n / ep * k` rows per
     destination: room for every assignment going to one device, hence nothing dropped),
-    runs the grouped SwiGLU of its own experts over the rows it received (only the blocks
-    in use), and returns the outputs with a second `all_to_all`; the gates are applied on
-    the tokens' own device. Equals `dropless_combine` on one device.
+    runs the grouped SwiGLU of its own experts over the rows it received
+    (`model.grouped_matmul.expert_swiglu` with `gemm`), and returns the outputs with a
+    second `all_to_all`; the gates are applied on the tokens' own device. Equals
+    `grouped_moe` on one device.
     """
     ep = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))[axis]
     n, d = x.shape
     k, e = idx.shape[1], w[0].shape[0]
     el = e // ep
-    block = block_rows(n * k, e)
 
     def local(x, idx, gates, wg, wu, wd):
         nl = x.shape[0]
@@ -414,13 +335,12 @@ def expert_parallel_dropless(
         exchange = functools.partial(jax.lax.all_to_all, axis_name=axis, split_axis=0,
                                      concat_axis=0, tiled=True)
         recv_x, recv_e = exchange(send_x).reshape(ep * a, d), exchange(send_e).reshape(ep * a)
-        # Local experts 0..el-1; empty slots carry expert id el, whose blocks are not run.
-        row, first, n_blocks, rows = sorted_layout(recv_e, el + 1, block)
-        row_src = jnp.full((rows,), ep * a, jnp.int32).at[row].set(
-            jnp.arange(ep * a, dtype=jnp.int32))
-        xs = jnp.concatenate([recv_x, jnp.zeros((1, d), x.dtype)])[row_src]
-        ys = grouped_swiglu(xs, first[:el], n_blocks[:el], wg, wu, wd, block)
-        back = exchange(ys[row].reshape(ep, a, d))
+        # Local experts 0..el-1; empty slots carry expert id el and sort last, past the
+        # groups the grouped GEMM computes (they give 0).
+        order, sizes = sort_by_expert(recv_e, el + 1)
+        ys_sorted = expert_swiglu(recv_x[order], sizes[:el], wg, wu, wd, gemm)
+        ys = jnp.zeros_like(ys_sorted).at[order].set(ys_sorted)
+        back = exchange(ys.reshape(ep, a, d))
         y = back[dest, slot].reshape(nl, k, d)
         return jnp.einsum("nkd,nk->nd", y, gates.astype(y.dtype))
 
@@ -467,10 +387,11 @@ class MoE(nn.Module):
 
         xf = x.reshape(n, d)
         experts = Experts(cfg, mesh=self.mesh, name="experts")
-        if cfg.moe_dispatch == "capacity":
+        dispatch = choose_moe(cfg).dispatch
+        if dispatch == "capacity":
             y, dropped = _capacity_dispatch(experts, xf, idx, gates, c=capacity(
                 n, e, k, cfg.capacity_factor), valid=valid)
-        elif cfg.moe_dispatch == "dense":
+        elif dispatch == "dense":
             combine = jnp.sum(jax.nn.one_hot(idx, e, dtype=gates.dtype) * gates[..., None], axis=1)
             y, dropped = experts.dense(xf, combine), jnp.zeros((), jnp.float32)
         else:

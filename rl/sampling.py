@@ -10,9 +10,10 @@ into the cache too, but a query at position p attends only to slots <= p of its 
 (`model.attention.decode_mask`), and decoding overwrites slot p before attending, so stale
 pad slots are never seen.
 
-MoE models: the expert capacity is computed per forward call (prefill: B * P tokens, each
-decode step: B tokens), so sampling is exact (equal to the full forward) when no token is
-dropped, i.e. `capacity_factor >= n_routed_experts / top_k`. The model's `mesh`
+MoE models: with the dropless dispatch (the default on CPU, TPU and Hopper GPUs) sampling
+is exact (equal to the full forward); with capacity buffers the capacity is computed per
+forward call (prefill: B * P tokens, each decode step: B tokens), so it is exact when no
+token is dropped, i.e. `capacity_factor >= n_routed_experts / top_k`. The model's `mesh`
 (`Transformer(cfg, mesh=mesh)`) applies here too: with `moe_dispatch="dropless"` and an
 `expert` mesh axis, every forward whose token count that axis divides runs expert-parallel.
 """

@@ -1,6 +1,8 @@
 """DeepSeek-V3 MoE: routing by hand (bias, gates, groups), the loss-free bias update by hand
 and its effect on a skewed router, dispatch == a per-token numpy loop (with and without
-dropped assignments; capacity, dropless and dense dispatch), the dropless row layout by hand,
+dropped assignments; capacity, dense and dropless dispatch with each grouped GEMM that runs
+on a CPU: the block loop, ragged_dot, megablox in Pallas interpret mode), the sorted layout,
+row padding and block layout by hand, the per-device choice of dispatch,
 gradients equal across dispatches, expert parallelism (all-to-all over 8 fake devices) ==
 one device, the sequence-wise aux loss against the V3 formula, and the per-layer bias
 bookkeeping of the Transformer."""
@@ -13,14 +15,8 @@ from flax import linen as nn
 
 from model import LOGICAL_RULES, ModelConfig, make_mesh, max_violation, moe_bias_paths, update_router_bias
 from model import update_router_biases as update_all
-from model.moe import (
-    MoE,
-    block_rows,
-    dropless_combine,
-    select_experts,
-    sequence_aux_loss,
-    sorted_layout,
-)
+from model.grouped_matmul import block_layout, block_rows, grouped_moe, pad_rows, sort_by_expert
+from model.moe import MoE, choose_moe, select_experts, sequence_aux_loss
 from model.sharding import batch_sharding, logical_to_sharding
 
 # ---------------------------------------------------------------- routing by hand
@@ -166,7 +162,8 @@ def _np_moe(cfg, variables, x, capacity=None):
 
 
 MOE = ModelConfig(vocab_size=64, d_model=D, n_layers=1, n_heads=2, n_routed_experts=4,
-                  n_shared_experts=1, top_k=2, moe_ffn_dim=8, capacity_factor=2.0)
+                  n_shared_experts=1, top_k=2, moe_ffn_dim=8, capacity_factor=2.0,
+                  moe_dispatch="capacity")
 
 
 @pytest.mark.parametrize(
@@ -178,9 +175,11 @@ MOE = ModelConfig(vocab_size=64, d_model=D, n_layers=1, n_heads=2, n_routed_expe
     ],
     ids=["sigmoid_shared", "softmax", "sigmoid_grouped"],
 )
-@pytest.mark.parametrize("dispatch", ["capacity", "dropless", "dense"])
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless", "dense", "dropless/ragged_dot",
+                                      "dropless/megablox"])
 def test_dispatch_equals_per_token_loop(cfg, dispatch, fill, jit):
-    cfg = cfg.replace(moe_dispatch=dispatch)
+    dispatch, _, gemm = dispatch.partition("/")
+    cfg = cfg.replace(moe_dispatch=dispatch, moe_gemm=gemm or "auto")
     layer, variables = _moe(cfg, fill, seed=1)
     # A non-zero balancing bias, so that the choice differs from the plain top-k.
     bias = np.random.default_rng(2).normal(0, 0.3, cfg.n_routed_experts)
@@ -219,21 +218,59 @@ def test_dropless_drops_nothing_where_capacity_drops(fill, jit):
     np.testing.assert_allclose(np.asarray(y).reshape(16, D), ref_y, rtol=1e-5, atol=1e-5)
 
 
-def test_sorted_layout_by_hand():
-    # Experts of 7 assignments; blocks of 2 rows: expert 0 has 3 (2 blocks), 1 none,
-    # 2 has 1 (1 block), 3 has 3 (2 blocks). Rows: e0 -> 0,1,2; e2 -> 4; e3 -> 6,7,8.
-    flat_e = jnp.asarray([3, 0, 2, 0, 3, 3, 0], jnp.int32)
-    row, first, n_blocks, rows = sorted_layout(flat_e, 4, 2)
-    np.testing.assert_array_equal(np.asarray(row), [6, 0, 4, 1, 7, 8, 2])
+def test_block_layout_by_hand():
+    # 8 sorted rows, groups [3, 0, 1, 3] (the 8th row is padding); blocks of 2 rows: expert
+    # 0 has 2 blocks, 1 none, 2 one, 3 two. Rows: e0 -> 0,1,2; e2 -> 4; e3 -> 6,7,8.
+    padded, first, n_blocks, bound = block_layout(jnp.asarray([3, 0, 1, 3]), 8, 2)
+    assert bound == 2 * ((8 + 4 * 1) // 2)  # the static bound: 12 rows
+    np.testing.assert_array_equal(np.asarray(padded), [0, 1, 2, 4, 6, 7, 8, bound])
     np.testing.assert_array_equal(np.asarray(first), [0, 2, 2, 3])
     np.testing.assert_array_equal(np.asarray(n_blocks), [2, 0, 1, 2])
-    assert rows == 2 * ((7 + 4 * 1) // 2)  # the static bound: 10 rows (5 blocks, 5 used)
 
 
-@pytest.mark.parametrize("block", [4, 8])
-def test_dropless_grouped_swiglu_equals_dense_on_skewed_loads(block, jit):
+def test_sort_by_expert_and_padding_by_hand():
+    """The inputs every grouped GEMM gets: assignments sorted by expert (stable, so a
+    token's earlier choice first among equals), group sizes with empty experts, and the
+    row padding that tiled kernels need (the padding joins the last group)."""
+    idx = jnp.asarray([[3, 0], [2, 0], [3, 3]], jnp.int32)  # token-major: 3 0 2 0 3 3
+    order, sizes = sort_by_expert(idx, 5)
+    np.testing.assert_array_equal(np.asarray(order), [1, 3, 2, 0, 4, 5])
+    np.testing.assert_array_equal(np.asarray(sizes), [2, 0, 1, 3, 0])
+    xs, gs = pad_rows(jnp.ones((6, 2)), sizes, 4)
+    assert xs.shape == (8, 2) and not np.any(np.asarray(xs[6:]))
+    np.testing.assert_array_equal(np.asarray(gs), [2, 0, 1, 3, 2])
+
+
+@pytest.mark.parametrize("platform, cfg, want", [
+    ("cpu", {}, ("dropless", "blocks")),
+    ("tpu", {}, ("dropless", "megablox")),
+    ("gpu", {}, ("capacity", None)),  # no Hopper here: the kernels cannot run
+    ("gpu", {"moe_dispatch": "dropless"}, ("dropless", "ragged_dot")),
+    ("cpu", {"moe_gemm": "megablox"}, ("dropless", "megablox")),
+    ("cpu", {"moe_dispatch": "capacity", "moe_gemm": "megablox"}, ("capacity", None)),
+])
+def test_choose_moe(platform, cfg, want):
+    got = choose_moe(MOE.replace(**{"moe_dispatch": "auto", **cfg}), platform)
+    assert (got.dispatch, got.gemm) == want
+    assert got.describe().startswith("moe: " + want[0])
+
+
+def test_requested_gemm_that_cannot_run_names_why():
+    with pytest.raises(ValueError, match="moe_gemm='pallas_gpu' cannot run: needs an NVIDIA "
+                                         "Hopper GPU; this process runs on cpu"):
+        choose_moe(MOE.replace(moe_dispatch="auto", moe_gemm="pallas_gpu"), "cpu")
+    with pytest.raises(ValueError, match="megablox.*not on gpu"):
+        choose_moe(MOE.replace(moe_dispatch="dropless", moe_gemm="megablox"), "gpu")
+    with pytest.raises(ValueError, match="moe_gemm='mgpu' must be one of"):
+        MOE.replace(moe_gemm="mgpu")
+
+
+@pytest.mark.parametrize("gemm, block", [("blocks", 4), ("blocks", 8), ("ragged_dot", None),
+                                         ("megablox", None)])
+def test_dropless_grouped_swiglu_equals_dense_on_skewed_loads(gemm, block, jit):
     """Loads from 0 to 40 rows per expert: blocks, 4-block chunks and their mix, empty
-    experts; values and gradients against every token through every expert."""
+    experts; values and gradients of each grouped GEMM against every token through every
+    expert."""
     n, k, e, d, f = 40, 2, 5, 6, 7
     rng = np.random.default_rng(11)
     first = np.where(np.arange(n) < 34, 0, rng.choice([2, 3, 4], n))  # expert 0: 34 rows
@@ -250,18 +287,19 @@ def test_dropless_grouped_swiglu_equals_dense_on_skewed_loads(block, jit):
         return jnp.sum(jnp.einsum("enf,efd,ne->nd", h, w[2], combine) * g)
 
     def dropless(x, w):
-        return jnp.sum(dropless_combine(x, jnp.asarray(idx, jnp.int32), gates, w, block) * g)
+        return jnp.sum(grouped_moe(x, jnp.asarray(idx, jnp.int32), gates, w, gemm, block) * g)
 
     ref = jit(jax.value_and_grad(dense, argnums=(0, 1)))(x, w)
     got = jit(jax.value_and_grad(dropless, argnums=(0, 1)))(x, w)
     loads = np.bincount(idx.ravel(), minlength=e)
-    assert loads[0] >= 4 * block and loads[1] == 0 and (idx[:, 0] != idx[:, 1]).all()
+    assert loads[0] >= 4 * 8 and loads[1] == 0 and (idx[:, 0] != idx[:, 1]).all()
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("gemm", ["blocks", "ragged_dot", "megablox"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_dropless_few_tokens_equals_dense(n, jit):
+def test_dropless_few_tokens_equals_dense(n, gemm, jit):
     """A layout shorter than one 4-block chunk (a decode step's few tokens: 16 and 24 rows
     here) runs single blocks; values and gradients against every token through every
     expert."""
@@ -273,14 +311,15 @@ def test_dropless_few_tokens_equals_dense(n, jit):
     w = tuple(jnp.asarray(rng.standard_normal(s) * 0.5, jnp.float32)
               for s in ((e, d, f), (e, d, f), (e, f, d)))
     combine = jnp.sum(jax.nn.one_hot(idx, e) * gates[..., None], axis=1)
-    assert sorted_layout(idx.reshape(-1), e, block_rows(n * k, e))[3] < 4 * block_rows(n * k, e)
+    block = block_rows(n * k, e)
+    assert block_layout(sort_by_expert(idx, e)[1], n * k, block)[3] < 4 * block
 
     def dense(x, w):
         h = nn.silu(jnp.einsum("nd,edf->enf", x, w[0])) * jnp.einsum("nd,edf->enf", x, w[1])
         return jnp.sum(jnp.einsum("enf,efd,ne->nd", h, w[2], combine) * g)
 
     def dropless(x, w):
-        return jnp.sum(dropless_combine(x, idx, gates, w) * g)
+        return jnp.sum(grouped_moe(x, idx, gates, w, gemm) * g)
 
     ref = jit(jax.value_and_grad(dense, argnums=(0, 1)))(x, w)
     got = jit(jax.value_and_grad(dropless, argnums=(0, 1)))(x, w)
@@ -307,9 +346,11 @@ def test_gradients_equal_across_dispatches(fill, jit):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("mesh_shape", [{"expert": 8}, {"data": 2, "expert": 4}])
-def test_expert_parallel_all_to_all_equals_one_device(mesh_shape, fill, jit):
-    cfg = MOE.replace(n_routed_experts=8, top_k=3, moe_dispatch="dropless")
+@pytest.mark.parametrize("mesh_shape, gemm", [({"expert": 8}, "blocks"),
+                                              ({"data": 2, "expert": 4}, "blocks"),
+                                              ({"data": 2, "expert": 4}, "ragged_dot")])
+def test_expert_parallel_all_to_all_equals_one_device(mesh_shape, gemm, fill, jit):
+    cfg = MOE.replace(n_routed_experts=8, top_k=3, moe_dispatch="dropless", moe_gemm=gemm)
     _, variables = _moe(cfg, fill, seed=8)
     bias = np.random.default_rng(9).normal(0, 0.3, 8)  # skewed loads across devices
     variables = variables | {"router_bias": {"bias": jnp.asarray(bias, jnp.float32)}}
@@ -474,7 +515,7 @@ def test_moe_load_rows_follow_layer_order(scan, make_model):
 
 def test_transformer_moe_forward_reports_loads_and_drops(make_model):
     # A small capacity in a full model: moe_dropped reports a fraction per MoE layer.
-    cfg = TINY_MOE.replace(capacity_factor=0.5)
+    cfg = TINY_MOE.replace(capacity_factor=0.5, moe_dispatch="capacity")
     _, variables, fwd = make_model(cfg)
     tokens = jnp.asarray(np.random.default_rng(11).integers(0, 64, (2, 8)), jnp.int32)
     _, aux = fwd(variables, tokens)

@@ -10,13 +10,14 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from model import LOGICAL_RULES, ModelConfig, make_mesh
+from model.moe import choose_moe
 from model.sharding import MESH_AXES, batch_sharding, logical_to_sharding
 
 MLA_MOE = ModelConfig(
     vocab_size=128, d_model=32, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=16,
     attention="mla", q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
     v_head_dim=8, n_routed_experts=4, n_shared_experts=1, top_k=2, moe_ffn_dim=16,
-    first_k_dense=1, capacity_factor=2.0,
+    first_k_dense=1, capacity_factor=2.0, moe_dispatch="capacity",
 )
 GQA = ModelConfig(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                   max_seq_len=16)
@@ -74,7 +75,7 @@ def test_sharded_forward_equals_single_device(cfg, mesh_shape, split_params, mak
         hlo = apply.lower(params, tokens_sharded).as_text()
         logits, aux = apply(params, tokens_sharded)
     # Dropless MoE over an expert axis runs expert-parallel (all_to_all in shard_map).
-    assert ("all_to_all" in hlo) == (cfg.moe_dispatch == "dropless" and cfg.is_moe)
+    assert ("all_to_all" in hlo) == (cfg.is_moe and choose_moe(cfg).dispatch == "dropless")
 
     # The parameters named above are really split over the expected mesh axes.
     flat = {tuple(k.key for k in path): s for path, s in jax.tree_util.tree_leaves_with_path(
