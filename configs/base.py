@@ -35,8 +35,9 @@ def get_config() -> ConfigDict:
     c.job = "pretrain"
     c.workdir = "runs/default"
     c.seed = 0
-    # An imported checkpoint (`python -m model.hf import SRC DST`) to start from; its
-    # architecture replaces config.model (but for train.setup.RUNTIME_FIELDS).
+    # An imported checkpoint (`python -m model.hf import SRC DST`) or a training run's
+    # workdir (any job's: its latest checkpoint's params) to start from; its architecture
+    # replaces config.model (but for train.setup.RUNTIME_FIELDS).
     c.init_from = ""
 
     c.model = model_defaults()

@@ -109,9 +109,8 @@ def load(workdir: str, step: int | None = None) -> tuple[Transformer, dict[str, 
     import jax.numpy as jnp
     from ml_collections import ConfigDict
 
-    from rl.loop import restore_variables
     from train.errors import UserError
-    from train.setup import model_config
+    from train.setup import model_config, restore_variables
 
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):

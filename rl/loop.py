@@ -1,7 +1,8 @@
 """The RL job, `run(config)`, top to bottom.
 
 config -> task -> mesh -> state (resume, or init / `config.init_from` (a `model.hf`
-import, as in pretraining) / `rl.init_from` (a training or RL run's checkpoint), then the
+import or any job's workdir, as in pretraining: its architecture replaces `config.model`) /
+`rl.init_from` (a training or RL run's checkpoint, into `config.model`'s architecture), then the
 optional supervised warm-up) -> the jitted `rl_step`, run by `train.runner.run_steps` ->
 logs, greedy held-out evaluation and checkpoints.
 
@@ -40,10 +41,11 @@ from rl.step import (
 )
 from rl.tasks import make_task
 from train import distributed, setup
-from train.checkpoint import Checkpointer, abstract_like
+from train.checkpoint import abstract_like
 from train.errors import UserError
 from train.metrics import MetricWriter, to_python
 from train.runner import Cadence, Job, on_preemption, run_steps, write_final_metrics
+from train.setup import restore_variables  # re-exported: its home is train.setup
 from train.step import StepOptions, TrainState, make_train_step
 from train.validate import validate
 
@@ -97,30 +99,6 @@ def make_options(r: ConfigDict, task) -> RLOptions:
         raise UserError(f"config.rl: {e}") from e
 
 
-# ------------------------------------------------------------------------ checkpoints
-def restore_variables(
-    directory: str, abstract: dict[str, Any], step: int | None = None
-) -> dict[str, Any]:
-    """Restores only `abstract`'s entries (e.g. `{'params': ..., 'router_bias': ...}` as
-    `jax.ShapeDtypeStruct`s with shardings) from a checkpoint of a training or RL run
-    (`step`, default the latest): `directory` is a workdir (its `checkpoints/`, else
-    `warmup/checkpoints/`) or a checkpoint directory. The rest of the saved state
-    (optimizer, ...) is not read, so any optimizer works. Mismatched shapes or a missing
-    checkpoint raise `UserError`."""
-    for d in (os.path.join(directory, "checkpoints"),
-              os.path.join(directory, "warmup", "checkpoints"), directory):
-        if not os.path.isdir(d):
-            continue
-        ckpt = Checkpointer.open(d)
-        try:
-            if ckpt.latest_step() is not None:
-                return ckpt.restore_partial(abstract, step)
-        finally:
-            ckpt.close()
-    raise UserError(f"no checkpoint found under {directory!r} (looked in checkpoints/, "
-                    "warmup/checkpoints/ and the directory itself)")
-
-
 # ------------------------------------------------------------------------------- run
 def run(config: ConfigDict) -> dict[str, Any]:
     """RL per `config`; returns the last logged metrics. Resumes from the latest
@@ -135,6 +113,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
     steps = setup.total_steps(config)
     mesh = setup.build_mesh(config)
     seq = _check(config, cfg, opts, task, setup.data_parallel_size(mesh))
+    attention = setup.attention_backend(cfg, seq)
     try:
         ev = eval_prompts(task, int(r.eval_seed), int(r.eval_prompts), opts.holdout_modulus)
     except ValueError as e:
@@ -177,7 +156,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
             if first_eval is not None:
                 writer.write(0, first_eval)
             if lead:
-                print(_summary(cfg, opts, mesh, task))
+                print(_summary(cfg, opts, mesh, task) + "\n" + attention)
             out = run_steps(
                 state, _rl_job(model, tx, task, opts, schedule, hook, state, evaluate),
                 Cadence.from_config(config, steps, int(r.eval_every)), ckpt, writer,
@@ -237,7 +216,8 @@ def _evaluator(config: ConfigDict, model, task, opts: RLOptions, mesh, ev):
 def _initial_policy(config, model, task, opts, mesh, base: TrainState, hook, evaluate,
                     preempted, lead):
     """(params, router_bias) RL starts from: fresh, `config.init_from` (a `model.hf`
-    import), `rl.init_from` (a run's checkpoint), then the optional warm-up."""
+    import or a run's workdir), `rl.init_from` (a run's checkpoint), then the optional
+    warm-up."""
     r = config.rl
     if config.get("init_from", ""):
         base = setup.load_init_from(str(config.init_from), base, mesh)
@@ -246,7 +226,7 @@ def _initial_policy(config, model, task, opts, mesh, base: TrainState, hook, eva
     params, router_bias = base.params, base.router_bias
     if r.init_from:
         got = restore_variables(r.init_from, abstract_like(
-            {"params": params, "router_bias": router_bias}))
+            {"params": params, "router_bias": router_bias}), key="config.rl.init_from")
         params, router_bias = got["params"], got.get("router_bias", router_bias)
         if lead:
             print(f"initialized the policy from {r.init_from}")

@@ -21,10 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
 from ml_collections import ConfigDict
 
 import optim
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, lora
+from model.attention import choose_backend
+from model.moe import choose_moe
 from model.sharding import logical_to_sharding, make_mesh
 from train.checkpoint import Checkpointer, abstract_like
 from train.errors import UserError
@@ -33,32 +36,96 @@ from train.qkclip import make_qk_clip_hook
 from train.step import TrainState
 
 # With `init_from`, the architecture comes from the checkpoint; these fields still come
-# from `config.model` (they change how the model runs, not its parameters).
+# from `config.model` (they change how the model runs, not its parameters; the LoRA
+# adapters are added on top of the checkpoint's weights, see `load_init_from`).
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "capacity_factor", "bias_update_rate",
-                  "aux_loss_alpha", "max_seq_len")
+                  "aux_loss_alpha", "max_seq_len", "attn_impl", "attn_max_logits", "lora_rank",
+                  "lora_alpha", "lora_dropout", "lora_targets")
 
 BATCH_AXES = ("data", "fsdp", "expert")  # the mesh axes the batch is split over
 
 
 def model_config(config: ConfigDict) -> ModelConfig:
     """`config.model` as a validated `ModelConfig` (errors name the field); with
-    `config.init_from`, the imported checkpoint's architecture plus `RUNTIME_FIELDS`."""
+    `config.init_from`, the imported checkpoint's architecture plus `RUNTIME_FIELDS`. With
+    QK-clip on, the attention must report exact max logits (`attn_max_logits=True`)."""
+    cfg = _model_config(config)
+    if config.optim.qk_clip.enabled:
+        if cfg.attn_max_logits is False:
+            raise UserError("config.optim.qk_clip.enabled needs the per-head max logits, which "
+                            "config.model.attn_max_logits=False turns off")
+        cfg = cfg.replace(attn_max_logits=True)
+    return cfg
+
+
+def _model_config(config: ConfigDict) -> ModelConfig:
     try:
         init_from = str(config.get("init_from", "") or "")
         if not init_from:
             return ModelConfig.from_dict(config.model.to_dict())
-        fname = os.path.join(init_from, "model_config.json")
-        if not os.path.exists(fname):
-            raise UserError(
-                f"config.init_from={init_from!r} is not a model checkpoint (no model_config.json; "
-                "create one with `python -m model.hf import SRC DST`)"
-            )
-        with open(fname) as f:
-            saved = json.load(f)
+        saved = source_model_config(init_from).to_dict()
         saved.update({k: config.model[k] for k in RUNTIME_FIELDS})
         return ModelConfig.from_dict(saved)
     except (ValueError, TypeError) as e:
         raise UserError(f"config.model: {e}") from e
+
+
+def is_run_workdir(path: str) -> bool:
+    """Whether `path` is a training run's workdir (any job's: it has `config.json`, written
+    by `write_config`) rather than a `python -m model.hf import` directory."""
+    return (os.path.isfile(os.path.join(path, "config.json"))
+            and not os.path.isfile(os.path.join(path, "model_config.json")))
+
+
+def source_model_config(path: str, _seen: tuple[str, ...] = ()) -> ModelConfig:
+    """The architecture of the weights `config.init_from=path` names: a `model.hf` import's
+    `model_config.json`, or a run workdir's effective model, i.e. its saved `config.json`'s
+    `model` section, or (when that run itself started from an `init_from`) the source's
+    architecture with the run's `RUNTIME_FIELDS` (its LoRA settings included, so that its
+    adapters can be read and merged). `UserError` when `path` is neither."""
+    if os.path.isfile(os.path.join(path, "model_config.json")):
+        with open(os.path.join(path, "model_config.json")) as f:
+            return ModelConfig.from_dict(json.load(f))
+    fname = os.path.join(path, "config.json")
+    if not os.path.isfile(fname):
+        raise UserError(
+            f"config.init_from={path!r} is neither a model checkpoint (no model_config.json; "
+            "create one with `python -m model.hf import SRC DST`) nor a training run's workdir "
+            "(no config.json)")
+    try:
+        with open(fname) as f:
+            saved = json.load(f)
+        model = dict(saved["model"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"config.init_from={path!r}: cannot read the run's model config from "
+                        f"{fname}: {e}") from e
+    parent = str(saved.get("init_from", "") or "")
+    if parent:
+        if os.path.abspath(parent) in _seen + (os.path.abspath(path),):
+            raise UserError(f"config.init_from={path!r}: its runs start from each other "
+                            f"in a cycle ({parent!r})")
+        base = source_model_config(parent, _seen + (os.path.abspath(path),)).to_dict()
+        model = {**base, **{k: model[k] for k in RUNTIME_FIELDS if k in model}}
+    try:
+        return ModelConfig.from_dict(model)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"config.init_from={path!r}: the model of {fname}: {e}") from e
+
+
+def attention_backend(cfg: ModelConfig, seq_len: int) -> str:
+    """The kernel lines printed at start: the attention backend
+    (`model.attention.choose_backend`) and, for an MoE, its dispatch and grouped GEMM
+    (`model.moe.choose_moe`); `UserError` when a requested one cannot run here."""
+    try:
+        lines = [choose_backend(cfg, seq_len).describe()]
+    except ValueError as e:
+        raise UserError(f"config.model.attn_impl: {e}") from e
+    if cfg.is_moe:
+        try:
+            lines.append(choose_moe(cfg).describe())
+        except ValueError as e:
+            raise UserError(f"config.model: {e}") from e
+    return "\n".join(lines)
 
 
 def total_steps(config: ConfigDict) -> int:
@@ -88,20 +155,60 @@ def abstract_params(model: Transformer, seq_len: int) -> Any:
         jax.random.PRNGKey(0))
 
 
+def optim_config(config: ConfigDict, cfg: ModelConfig, steps: int) -> ConfigDict:
+    """`config.optim` with the schedule length (default: the run) and muP filled in."""
+    opt_cfg = ConfigDict(config.optim.to_dict())
+    if opt_cfg.total_steps is None or opt_cfg.total_steps <= 0:
+        opt_cfg.total_steps = steps
+    if cfg.mup_base_d_model:
+        opt_cfg.mup.enabled = True
+        opt_cfg.mup.width_multiplier = cfg.width_multiplier
+    elif opt_cfg.mup.enabled:
+        raise UserError(
+            "config.optim.mup.enabled needs config.model.mup_base_d_model (the base width); "
+            "set that instead: the trainer derives the width multiplier from it")
+    return opt_cfg
+
+
 def build_optimizer(
     opt_cfg: ConfigDict, params: Any, key: str = "config.optim"
 ) -> tuple[optax.GradientTransformation, Callable[[jax.Array], jax.Array]]:
-    """`(tx, schedule)` of `opt_cfg` for `params` (concrete or abstract); errors name `key`."""
+    """`(tx, schedule)` of `opt_cfg` for `params` (concrete or abstract); errors name `key`.
+    When `params` hold LoRA adapters (`model.lora`), only those are trained
+    (`freeze_all_but_adapters`)."""
     try:
+        if lora.has_adapters(params):
+            return freeze_all_but_adapters(opt_cfg, params), optim.build_schedule(opt_cfg)
         return optim.build(opt_cfg, params), optim.build_schedule(opt_cfg)
     except ValueError as e:
         raise UserError(f"{key}: {e}") from e
+
+
+def freeze_all_but_adapters(opt_cfg: ConfigDict, params: Any) -> optax.GradientTransformation:
+    """The optimizer of `opt_cfg` on the LoRA adapters of `params` alone; every other
+    parameter (the base weights) is frozen: `optax.set_to_zero()`, which keeps no state.
+
+    `optax.partition` over the labels `'adapter'` / `'frozen'`; the inner optimizer is
+    `optim.build` for the adapter-only tree (the base leaves are `optax.MaskedNode`s), so its
+    gradient-norm clip is over the adapters' gradients and its moments exist only for them.
+    The adapter factors are not `kernel`s, so `optim.label_params` gives them AdamW (also
+    with `optim.name='muon'`) with the usual decoupled weight decay.
+    """
+    mask = lora.adapter_mask(params)
+    adapters = jax.tree.map(lambda m, p: p if m else optax.MaskedNode(), mask, params)
+    labels = jax.tree.map(lambda m: "adapter" if m else "frozen", mask)
+    return optax.partition(
+        {"adapter": optim.build(opt_cfg, adapters), "frozen": optax.set_to_zero()}, labels)
 
 
 def qk_clip_hook(config: ConfigDict, cfg: ModelConfig):
     """The QK-clip post-update hook of `config.optim.qk_clip`, or None when disabled."""
     if not config.optim.qk_clip.enabled:
         return None
+    if cfg.lora_rank:
+        raise UserError(
+            f"config.optim.qk_clip.enabled with config.model.lora_rank={cfg.lora_rank}: QK-clip "
+            "rescales the query/key weights, which LoRA freezes; disable one of them")
     try:
         return make_qk_clip_hook(cfg, float(config.optim.qk_clip.tau))
     except ValueError as e:
@@ -163,25 +270,74 @@ def init_state(model: Transformer, tx, mesh, seed: int, seq_len: int) -> TrainSt
 
 
 def load_init_from(path: str, state: TrainState, mesh) -> TrainState:
-    """Replaces the fresh params / router biases by those of an imported checkpoint
-    (`model.hf` Orbax format), each array in the state's dtype and sharding."""
-    from model.hf.checkpoint import read_orbax
+    """Replaces the fresh params / router biases by those `config.init_from=path` names,
+    each array in the state's dtype and sharding: an imported checkpoint (`model.hf` Orbax
+    format), or a training run's workdir (any job's; its latest checkpoint, read with
+    `restore_variables`, architecture from `source_model_config`).
 
-    try:
-        _, variables = read_orbax(path, mesh)
-    except Exception as e:  # a wrong directory or a tree that does not match
-        raise UserError(f"config.init_from={path!r}: cannot read the checkpoint: {e}") from e
+    LoRA (`model.lora`): the state's adapters keep their fresh initialisation (B = 0, so the
+    run starts from exactly the checkpoint's function); adapters stored in the checkpoint
+    are first merged into their kernels (`merge_lora`), so any checkpoint, adapted or not,
+    starts a run with or without adapters."""
+    if is_run_workdir(path):
+        saved_cfg = source_model_config(path)
+        from model.hf.convert import abstract_variables
+
+        abstract, shardings = abstract_variables(saved_cfg, mesh)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract, shardings)
+        variables = restore_variables(path, abstract, key="config.init_from")
+    else:
+        from model.hf.checkpoint import read_orbax
+
+        try:
+            saved_cfg, variables = read_orbax(path, mesh)
+        except Exception as e:  # a wrong directory or a tree that does not match
+            raise UserError(f"config.init_from={path!r}: cannot read the checkpoint: {e}") from e
 
     def place(new, old):
         if new.shape != old.shape:
             raise UserError(f"config.init_from: shape {new.shape} does not match {old.shape}")
         return jax.device_put(new.astype(old.dtype), old.sharding)
 
-    params = jax.tree.map(place, variables["params"], state.params)
+    loaded = flatten_dict(lora.merge_lora(saved_cfg, variables["params"]), sep="/")
+    fresh = flatten_dict(state.params, sep="/")
+    missing = [k for k in fresh if k not in loaded and not lora.is_adapter(k.split("/"))]
+    extra = [k for k in loaded if k not in fresh]
+    if missing or extra:
+        raise UserError(f"config.init_from={path!r}: its parameters do not match the model "
+                        f"(missing: {', '.join(missing[:5]) or 'none'}; unexpected: "
+                        f"{', '.join(extra[:5]) or 'none'})")
+    params = unflatten_dict(
+        {k: place(loaded[k], v) if k in loaded else v for k, v in fresh.items()}, sep="/")
     bias = state.router_bias
     if "router_bias" in variables and variables["router_bias"]:
         bias = jax.tree.map(place, variables["router_bias"], state.router_bias)
     return state.replace(params=params, router_bias=bias)
+
+
+def restore_variables(
+    directory: str, abstract: dict[str, Any], step: int | None = None, key: str = ""
+) -> dict[str, Any]:
+    """Restores only `abstract`'s entries (e.g. `{'params': ..., 'router_bias': ...}` as
+    `jax.ShapeDtypeStruct`s with shardings) from a checkpoint of a training or RL run
+    (`step`, default the latest): `directory` is a workdir (its `checkpoints/`, else
+    `warmup/checkpoints/`) or a checkpoint directory. The rest of the saved state
+    (optimizer, ...) is not read, so any optimizer works. Mismatched shapes or a missing
+    checkpoint raise `UserError` (naming the config `key` when given)."""
+    for d in (os.path.join(directory, "checkpoints"),
+              os.path.join(directory, "warmup", "checkpoints"), directory):
+        if not os.path.isdir(d):
+            continue
+        ckpt = Checkpointer.open(d)
+        try:
+            if ckpt.latest_step() is not None:
+                return ckpt.restore_partial(abstract, step)
+        finally:
+            ckpt.close()
+    what = f"{key}={directory!r}" if key else repr(directory)
+    raise UserError(f"{what}: no checkpoint found (looked in checkpoints/, "
+                    "warmup/checkpoints/ and the directory itself); has the run saved one?")
 
 
 def checkpointer(config: ConfigDict, directory: str) -> Checkpointer:
