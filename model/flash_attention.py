@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 DEFAULT_BLOCK = 512  # tokens per block: temp memory ~ batch x heads x T x block x 4 bytes
-CPU_BLOCK = 128  # on a CPU smaller blocks are faster (bench/bench_attention.py)
+CPU_BLOCK = 64  # on a CPU smaller blocks are faster (bench/bench_attention.py, RESULTS.md)
 
 
 def default_block() -> int:
