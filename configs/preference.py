@@ -41,6 +41,9 @@ def get_config():
         # the loss does not take is an error.
         beta=placeholder(float),
         label_smoothing=placeholder(float),  # dpo: > 0 is cDPO
+        # dpo: weight of the chosen completions' token-mean NLL added to the loss (RPO,
+        # Pang et al. 2024; counters DPO lowering the chosen log-probs too); default 0.
+        nll_weight=placeholder(float),
         gamma=placeholder(float),  # simpo: target reward margin
         lam=placeholder(float),  # orpo: weight of the odds-ratio term
         lambda_d=placeholder(float),  # kto: weight of desirable examples

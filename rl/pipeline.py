@@ -18,9 +18,9 @@ Stages (configs under `configs/pipeline/`; the task, model and held-out split of
    right, as `configs/rl_arith.py`'s warm-up).
 3. Preference pairs: the SFT model samples `--samples` completions (T = 1) of
    `--pair-prompts` training prompts; a prompt with a correct and an incorrect sample gives
-   pairs (chosen: a correct one, rejected: a different incorrect one). DPO
-   (`configs/pipeline/preference.py`) with `init_from` = the SFT workdir (also the
-   reference).
+   pairs (chosen: a correct one, rejected: a different incorrect one). DPO plus the
+   chosen answers' NLL (RPO; `configs/pipeline/preference.py`) with `init_from` = the SFT
+   workdir (also the reference).
 4. GRPO (`configs/pipeline/rl.py`) with `init_from` = the preference workdir; with the
    comparison on (default), the same RL run from the SFT workdir too.
 
@@ -339,7 +339,7 @@ def plot(summary: dict[str, Any], path: str) -> None:
     sx = [0] + [c[0] for c in sft["curve"]]
     ax.plot(sx, [0.0] + [c[1] for c in sft["curve"]], "o-", color="C0", ms=3, label="SFT")
     ax.plot([x_pref, x_rl], [sft["eval_accuracy"], pref["eval_accuracy"]], "o-", color="C1",
-            ms=4, label="DPO (pairs of its own samples)")
+            ms=4, label="DPO + NLL (RPO; pairs of its own samples)")
     ax.plot([x_rl + s for s, _ in rl["curve"]], [a for _, a in rl["curve"]], "-", color="C2",
             label="GRPO from the DPO model")
     if "rl_from_sft" in st:

@@ -15,7 +15,8 @@ rewards: beta (pi - ref) for DPO/IPO, beta pi / |y| for SimPO, lam pi / |y| for 
 `reward_margin` (mean of reward_chosen - reward_rejected; beta h for DPO/IPO),
 `reward_accuracy` (fraction of pairs with a positive margin), `logps_chosen`,
 `logps_rejected` (means of the summed log-probs); ORPO adds `nll_loss`, `or_loss`,
-`log_odds_ratio`; KTO reports `kl` and its rewards split by label (no accuracy).
+`log_odds_ratio`; DPO with `nll_weight` > 0 (RPO) adds `dpo_loss`, `nll_loss`; KTO
+reports `kl` and its rewards split by label (no accuracy).
 
 `sequence_logps` turns a model forward into those sums; `make_preference_step` builds the
 jit-able training step (`train.step.TrainState`, `train.step.make_apply_update`).
@@ -27,6 +28,7 @@ counted tokens then gives a non-finite loss, and the step skips the update).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -106,39 +108,66 @@ def dpo(
     ref_rejected_logps: jax.Array,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
+    nll_weight: float = 0.0,
+    chosen_lengths: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
-    """Direct Preference Optimization, and conservative DPO with `label_smoothing` > 0.
+    """Direct Preference Optimization, conservative DPO with `label_smoothing` > 0, and
+    DPO plus the chosen completions' NLL (RPO) with `nll_weight` > 0.
 
     h = (pi_c - ref_c) - (pi_r - ref_r)
-    L = mean_pairs[ -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h) ]
+    L = mean_pairs[ -(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)
+                    - alpha pi_c / |y_c| ]
 
-    With ls = 0 this is DPO (Eq. 7); ls = eps is cDPO, the DPO loss under labels flipped
-    with probability eps. The gradient of pair i with respect to pi_c (ls = 0) is
-    -beta sigmoid(beta (r_r - r_c)) / n, r = pi - ref: the paper's weight, larger when the
-    implicit reward model orders the pair wrongly.
+    With ls = 0 and alpha = 0 this is DPO (Eq. 7); ls = eps is cDPO, the DPO loss under
+    labels flipped with probability eps. The gradient of pair i with respect to pi_c
+    (ls = 0, alpha = 0) is -beta sigmoid(beta (r_r - r_c)) / n, r = pi - ref: the paper's
+    weight, larger when the implicit reward model orders the pair wrongly.
+
+    alpha = `nll_weight` adds the token-mean negative log-likelihood of the chosen
+    completion (`chosen_lengths` = |y_c| counted tokens), as in Iterative RPO (Eq. 1 there,
+    alpha = 1): DPO alone only needs pi_c - pi_r to grow and often lowers pi_c as well
+    ("likelihood displacement", the chosen answer itself becoming less likely); the NLL
+    term keeps pushing the chosen completion up.
 
     Args:
       chosen_logps, rejected_logps: the policy's summed log-probs `[pairs]`.
       ref_chosen_logps, ref_rejected_logps: the reference's `[pairs]` (held constant).
       beta: > 0, the KL coefficient (temperature of the implicit reward).
       label_smoothing: in [0, 0.5), the assumed label-flip probability (cDPO).
+      nll_weight: >= 0, alpha, the weight of the chosen completions' token-mean NLL.
+      chosen_lengths: counted tokens of the chosen completions `[pairs]`, > 0; required
+        when nll_weight > 0, unused otherwise.
     Returns:
-      (scalar loss, metrics); rewards beta (pi - ref), margin beta h.
+      (scalar loss, metrics); rewards beta (pi - ref), margin beta h; with nll_weight > 0
+      also `dpo_loss` and `nll_loss` (pair means of the two terms, NLL unweighted).
 
     References: Rafailov et al., "Direct Preference Optimization: Your Language Model is
     Secretly a Reward Model", arXiv:2305.18290; Mitchell, "A note on DPO with noisy
-    preferences & relationship to IPO", 2023 (cDPO).
+    preferences & relationship to IPO", 2023 (cDPO); Pang et al., "Iterative Reasoning
+    Preference Optimization", arXiv:2404.19733 (DPO + NLL); Razin et al., "Unintentional
+    Unalignment: Likelihood Displacement in Direct Preference Optimization",
+    arXiv:2410.08847.
     """
     _check(beta > 0, "beta", "> 0", beta)
     _check(0.0 <= label_smoothing < 0.5, "label_smoothing", "in [0, 0.5)", label_smoothing)
+    _check(nll_weight >= 0, "nll_weight", ">= 0", nll_weight)
+    if nll_weight > 0:
+        _check(chosen_lengths is not None, "chosen_lengths", "given when nll_weight > 0",
+               chosen_lengths)
+        _check_lengths("chosen_lengths", chosen_lengths)
     pi_c, pi_r, ref_c, ref_r = _f32(chosen_logps, rejected_logps, ref_chosen_logps,
                                     ref_rejected_logps)
     ref_c, ref_r = jax.lax.stop_gradient(ref_c), jax.lax.stop_gradient(ref_r)
     h = (pi_c - ref_c) - (pi_r - ref_r)
     losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
               - label_smoothing * jax.nn.log_sigmoid(-beta * h))
-    return jnp.mean(losses), _pair_metrics(beta * (pi_c - ref_c), beta * (pi_r - ref_r),
-                                           pi_c, pi_r)
+    metrics = _pair_metrics(beta * (pi_c - ref_c), beta * (pi_r - ref_r), pi_c, pi_r)
+    if nll_weight > 0:
+        nll = -pi_c / jnp.asarray(chosen_lengths, jnp.float32)
+        metrics.update(dpo_loss=jax.lax.stop_gradient(jnp.mean(losses)),
+                       nll_loss=jax.lax.stop_gradient(jnp.mean(nll)))
+        losses = losses + nll_weight * nll
+    return jnp.mean(losses), metrics
 
 
 def ipo(
@@ -389,6 +418,13 @@ def rows_logps(model, params, router_bias, inputs, targets, mask, positions, chu
 
 
 # ------------------------------------------------------------------------------- step
+def _lengths_kw(loss_fn, chosen_lengths) -> dict[str, Any]:
+    """{'chosen_lengths': ...} for a reference-based loss that takes them (dpo's NLL
+    term), else {}."""
+    return ({"chosen_lengths": chosen_lengths}
+            if "chosen_lengths" in inspect.signature(loss_fn).parameters else {})
+
+
 _ROW_KEYS = ("inputs", "targets", "mask", "positions")
 
 
@@ -467,7 +503,7 @@ def make_preference_step(
     if loss == "kto":
         loss_fn(np.zeros(1), np.zeros(1), np.ones(1, bool), 0.0, **kw)
     elif loss in NEEDS_REF:
-        loss_fn(*(np.zeros(1),) * 4, **kw)
+        loss_fn(*(np.zeros(1),) * 4, **kw, **_lengths_kw(loss_fn, np.ones(1)))
     else:
         loss_fn(np.zeros(1) - 1.0, np.zeros(1) - 1.0, np.ones(1), np.ones(1), **kw)
     sg = jax.lax.stop_gradient
@@ -493,7 +529,8 @@ def make_preference_step(
             else:
                 ref_logps = ref_rows(ref, r, "ref_chosen_logps/ref_rejected_logps")
                 ref_c, ref_r = ref_logps[:p], ref_logps[p:]
-            value, metrics = loss_fn(pi_c, pi_r, ref_c, ref_r, **kw)
+            value, metrics = loss_fn(pi_c, pi_r, ref_c, ref_r, **kw,
+                                     **_lengths_kw(loss_fn, lengths[:p]))
         else:
             value, metrics = loss_fn(pi_c, pi_r, lengths[:p], lengths[p:], **kw)
         return value, metrics, aux

@@ -9,7 +9,8 @@ evaluation, checkpoints.
 
 Losses (`config.preference.loss`): dpo (cDPO with `label_smoothing`), ipo, simpo, orpo
 (reference-free) and kto (unpaired examples). Their hyperparameters `beta`,
-`label_smoothing`, `gamma`, `lam`, `lambda_d`, `lambda_u` are passed through; None (the
+`label_smoothing`, `nll_weight` (dpo: + that weight x the chosen completions' token-mean
+NLL, RPO), `gamma`, `lam`, `lambda_d`, `lambda_u` are passed through; None (the
 default) is the loss's own default, and setting one the loss does not take is an error.
 
 Reference (dpo, ipo, kto): the weights the run starts from (`init_from`, else the scratch
@@ -31,6 +32,7 @@ the old records).
 Metrics (`workdir/metrics.jsonl`, TensorBoard): the loss's metrics (`loss`,
 `reward_margin`, `reward_accuracy` (pairs), `reward_chosen` / `reward_rejected`,
 `logps_chosen` / `logps_rejected`, ORPO's `nll_loss` / `or_loss` / `log_odds_ratio`,
+DPO's `dpo_loss` / `nll_loss` with `nll_weight` > 0,
 KTO's `kl`), `lr`, `grad_norm`, `pairs_per_s` (examples for KTO), `tokens_per_s`; every
 `train.eval_every` steps and at the last, the same loss metrics on the held-out pairs as
 `eval_*` (`eval_reward_accuracy` is the held-out preference accuracy), over at most
@@ -63,7 +65,7 @@ from train.validate import validate
 
 __all__ = ["HPARAMS", "PreferenceState", "loss_kwargs", "make_data", "run", "use_precompute"]
 
-HPARAMS = ("beta", "label_smoothing", "gamma", "lam", "lambda_d", "lambda_u")
+HPARAMS = ("beta", "label_smoothing", "nll_weight", "gamma", "lam", "lambda_d", "lambda_u")
 
 
 class PreferenceState(flax.struct.PyTreeNode):
@@ -325,7 +327,8 @@ def _evaluate(logps, state: PreferenceState, data: PreferenceData, loss: str, kw
         value, m = fn(lp[:n], ref[:n], data.eval.desirable[:n],
                       float(np.mean(lp[n:] - ref[n:])), **kw)
     elif loss in preference.NEEDS_REF:
-        value, m = fn(lp[:n], lp[n:], ref[:n], ref[n:], **kw)
+        value, m = fn(lp[:n], lp[n:], ref[:n], ref[n:], **kw,
+                      **preference._lengths_kw(fn, lens[:n]))
     else:
         value, m = fn(lp[:n], lp[n:], lens[:n], lens[n:], **kw)
     return {"eval_loss": float(value), **{f"eval_{k}": float(v) for k, v in m.items()}}

@@ -104,6 +104,33 @@ def test_dpo_value_and_metrics(beta, ls):
     assert float(m["logps_rejected"]) == pytest.approx(np.mean(PI_R))
 
 
+@pytest.mark.parametrize("beta,ls,alpha", [(0.1, 0.0, 1.0), (0.5, 0.2, 0.3)])
+def test_dpo_with_nll_of_chosen_value_and_gradient(beta, ls, alpha):
+    """RPO: DPO + alpha * mean_pairs(-pi_c / |y_c|); the extra gradient on pi_c is
+    -alpha / (|y_c| n); pi_r's is DPO's."""
+    loss, m = pref.dpo(PI_C, PI_R, REF_C, REF_R, beta=beta, label_smoothing=ls,
+                       nll_weight=alpha, chosen_lengths=LEN_C)
+    nll = sum(-float(PI_C[i]) / float(LEN_C[i]) for i in range(N)) / N  # (5/4+12/10+3/2)/3
+    assert nll == pytest.approx((1.25 + 1.2 + 1.5) / 3)
+    dpo = hand_dpo(PI_C, PI_R, beta, ls)
+    assert float(loss) == pytest.approx(dpo + alpha * nll, rel=1e-6)
+    assert float(m["nll_loss"]) == pytest.approx(nll, rel=1e-6)
+    assert float(m["dpo_loss"]) == pytest.approx(dpo, rel=1e-6)
+    assert float(m["reward_margin"]) == pytest.approx(np.mean([beta * _h(i) for i in range(N)]),
+                                                      rel=1e-5)
+    f = lambda c, r, a: pref.dpo(c, r, REF_C, REF_R, beta=beta, label_smoothing=ls,  # noqa: E731
+                                 nll_weight=a, chosen_lengths=LEN_C)[0]
+    g_c, g_r = jax.grad(f, argnums=(0, 1))(jnp.asarray(PI_C), jnp.asarray(PI_R), alpha)
+    g0_c, g0_r = jax.grad(f, argnums=(0, 1))(jnp.asarray(PI_C), jnp.asarray(PI_R), 0.0)
+    for i in range(N):
+        assert float(g_c[i] - g0_c[i]) == pytest.approx(-alpha / (float(LEN_C[i]) * N), rel=1e-5)
+        assert float(g_r[i]) == pytest.approx(float(g0_r[i]), rel=1e-6)
+    # nll_weight = 0 is plain DPO, lengths or not, with no extra metric.
+    l0, m0 = pref.dpo(PI_C, PI_R, REF_C, REF_R, beta=beta, label_smoothing=ls,
+                      chosen_lengths=LEN_C)
+    assert float(l0) == pytest.approx(dpo, rel=1e-6) and "nll_loss" not in m0
+
+
 def test_ipo_value():
     loss, m = pref.ipo(PI_C, PI_R, REF_C, REF_R, beta=0.25)
     assert float(loss) == pytest.approx(hand_ipo(PI_C, PI_R, 0.25), rel=1e-6)
@@ -216,6 +243,10 @@ def test_kto_gradient_matches_finite_differences_and_kl_gets_none():
     (lambda: pref.dpo(PI_C, PI_R, REF_C, REF_R, beta=0.0), "beta"),
     (lambda: pref.dpo(PI_C, PI_R, REF_C, REF_R, label_smoothing=0.5), "label_smoothing"),
     (lambda: pref.dpo(PI_C, PI_R, REF_C, REF_R, label_smoothing=-0.1), "label_smoothing"),
+    (lambda: pref.dpo(PI_C, PI_R, REF_C, REF_R, nll_weight=-0.1), "nll_weight"),
+    (lambda: pref.dpo(PI_C, PI_R, REF_C, REF_R, nll_weight=1.0), "chosen_lengths"),
+    (lambda: pref.dpo(PI_C, PI_R, REF_C, REF_R, nll_weight=1.0,
+                      chosen_lengths=np.array([1.0, 0.0, 2.0])), "chosen_lengths"),
     (lambda: pref.ipo(PI_C, PI_R, REF_C, REF_R, beta=-1.0), "beta"),
     (lambda: pref.simpo(PI_C, PI_R, LEN_C, LEN_R, beta=0.0), "beta"),
     (lambda: pref.simpo(PI_C, PI_R, LEN_C, LEN_R, gamma=-0.1), "gamma"),
@@ -313,6 +344,23 @@ def test_reference_from_batch_equals_reference_params(jit, tiny):
     _, m3 = step(s1, batch2)
     assert float(m3["loss"]) < math.log(2.0)  # the step went down the DPO loss
     assert float(m3["reward_accuracy"]) > 0.0
+
+
+def test_dpo_step_with_nll_passes_the_chosen_lengths(jit, tiny):
+    """With nll_weight the step adds alpha x the chosen rows' token-mean NLL (their own
+    mask counts): at policy == reference the loss is log 2 + alpha * nll_loss."""
+    model, tx, state, ref = _setup(tiny)
+    batch = _batch(seed=5)
+    step = jit(pref.make_preference_step(model, tx, "dpo", {"beta": 0.1, "nll_weight": 0.5},
+                                         chunk_tokens=0))
+    new, m = step(state, batch, ref)
+    logits, _ = model.apply({"params": state.params}, batch["chosen_inputs"],
+                            batch["chosen_positions"])
+    lp, n = pref.sequence_logps(logits, batch["chosen_targets"], batch["chosen_mask"])
+    nll = float(jnp.mean(-lp / n))
+    assert float(m["nll_loss"]) == pytest.approx(nll, rel=1e-5)
+    assert float(m["loss"]) == pytest.approx(math.log(2.0) + 0.5 * nll, rel=1e-5)
+    assert int(m["skipped"]) == 0 and _moved(new.params, state.params) > 1e-4
 
 
 @pytest.mark.parametrize("loss,kw", [("simpo", {}), ("orpo", {"lam": 0.2}),

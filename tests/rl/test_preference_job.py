@@ -261,8 +261,10 @@ def test_hyperparameters_pass_through_or_are_rejected():
     c = preference_config.get_config()
     validate(c)  # the shipped config passes
     c.preference.beta, c.preference.label_smoothing, c.preference.chunk_tokens = 0.0, 0.5, -1
+    c.preference.nll_weight = -1.0
     with pytest.raises(UserError, match=r"preference.beta=0.0 must be .*> 0.*"
                        r"preference.label_smoothing=0.5 must be .*"
+                       r"preference.nll_weight=-1.0 must be .*"
                        r"preference.chunk_tokens=-1 must be"):
         validate(c)
     p = preference_config.get_config().preference
@@ -271,6 +273,11 @@ def test_hyperparameters_pass_through_or_are_rejected():
     assert loss_kwargs(p) == {"beta": 2.5, "gamma": 0.3} and not use_precompute(p)
     p.loss = "dpo"
     with pytest.raises(UserError, match="config.preference.gamma=0.3: loss 'dpo' has no"):
+        loss_kwargs(p)
+    p.gamma, p.nll_weight = None, 1.0
+    assert loss_kwargs(p) == {"beta": 2.5, "nll_weight": 1.0}
+    p.loss = "ipo"
+    with pytest.raises(UserError, match="config.preference.nll_weight=1.0: loss 'ipo' has no"):
         loss_kwargs(p)
     p.loss = "nope"
     with pytest.raises(UserError, match="unknown preference loss"):
