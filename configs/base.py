@@ -75,6 +75,9 @@ def get_config() -> ConfigDict:
             z_loss=0.0,
             max_bad_steps=10,  # abort after this many non-finite steps in a row (0: never)
             profile_steps=(),  # (start, stop): write a JAX profiler trace to workdir/profile
+            # > 0: log the gradient noise scale's inputs (noise/*, see train/noise_scale.py)
+            # in the rows of steps that are multiples of this; needs grad_accum >= 2.
+            noise_scale_every=0,
         )
     )
 

@@ -106,7 +106,9 @@ def train(config: ConfigDict, make_data: Callable[[ConfigDict, int], Any]) -> di
             return m
 
         job = Job(
-            step=lambda s, i: step_fn(s, setup.global_batch(next(batches), batch_shardings)),
+            step=_noise_rows_only_every(
+                lambda s, i: step_fn(s, setup.global_batch(next(batches), batch_shardings)),
+                int(config.train.get("noise_scale_every", 0) or 0)),
             row=row,
             evaluate=(lambda s: {"eval_loss": _evaluate(eval_fn, s, eval_sets, batch_shardings)})
             if eval_sets else None,
@@ -126,12 +128,35 @@ def train(config: ConfigDict, make_data: Callable[[ConfigDict, int], Any]) -> di
 
 def step_options(config: ConfigDict) -> StepOptions:
     """The train step's options of `config.train` (`loss`, when the config has it:
-    "ce" | "dft", see `train.step.cross_entropy`)."""
+    "ce" | "dft", see `train.step.cross_entropy`; `noise_scale_every` > 0 turns on
+    `StepOptions.noise_scale`, see `train.noise_scale`)."""
     loss = str(config.train.get("loss", "ce"))
     if loss not in LOSSES:
         raise UserError(f"config.train.loss={loss!r} must be one of {', '.join(LOSSES)}")
+    every = int(config.train.get("noise_scale_every", 0) or 0)
+    if every > 0 and int(config.train.grad_accum) < 2:
+        raise UserError(f"config.train.noise_scale_every={every} compares the gradients of "
+                        "the accumulation microbatches with the step's: it needs "
+                        f"config.train.grad_accum >= 2, got {config.train.grad_accum}")
     return StepOptions(grad_accum=int(config.train.grad_accum),
-                       z_loss=float(config.train.z_loss), skip_nonfinite=True, loss=loss)
+                       z_loss=float(config.train.z_loss), skip_nonfinite=True, loss=loss,
+                       noise_scale=every > 0)
+
+
+def _noise_rows_only_every(step_fn, every: int):
+    """`step_fn` whose metrics keep the `noise/*` entries (`train.noise_scale`) only at the
+    steps that are multiples of `every` (the logged rows that carry them; computed every
+    step, they are cheap)."""
+    if every <= 0:
+        return step_fn
+
+    def step(state, i):
+        state, metrics = step_fn(state, i)
+        if (i + 1) % every:
+            metrics = {k: v for k, v in metrics.items() if not k.startswith("noise/")}
+        return state, metrics
+
+    return step
 
 
 def _check_batch(bsz: int, grad_accum: int, batch_div: int) -> None:

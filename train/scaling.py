@@ -217,3 +217,93 @@ def steps_to_reach(steps: Sequence[float], values: Sequence[float], target: floa
         return float(s[i])
     t = (v[i - 1] - target) / (v[i - 1] - v[i])
     return float(s[i - 1] + t * (s[i] - s[i - 1]))
+
+
+# ---- compute multiplier of one optimizer over another -------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeMultiplier:
+    """How many times less compute optimizer A needs than B to reach `at_loss`:
+    `multiplier = C_B(L) / C_A(L)` (> 1: A is more compute-efficient), from the power laws
+    `law_a`, `law_b` of loss against compute, with a bootstrap uncertainty."""
+
+    multiplier: float
+    std: float  # standard deviation of the bootstrap multipliers
+    ci: tuple[float, float]  # the bootstrap's central `level` interval (percentiles)
+    at_loss: float
+    law_a: PowerLaw
+    law_b: PowerLaw
+    n_boot: int  # bootstrap fits used (resamples with too few distinct C are skipped)
+    level: float = 0.95
+
+
+def compute_at_loss(law: PowerLaw, loss: float) -> float:
+    """The compute at which `law` (loss = coef * C^exponent + offset) reaches `loss`:
+    C = ((loss - offset) / coef)^(1 / exponent); NaN when the law never gets there."""
+    gap = float(loss) - law.offset
+    if gap <= 0 or law.coef <= 0 or law.exponent == 0:
+        return math.nan
+    return float((gap / law.coef) ** (1.0 / law.exponent))
+
+
+def compute_multiplier(
+    compute_a: Sequence[float], loss_a: Sequence[float],
+    compute_b: Sequence[float], loss_b: Sequence[float],
+    at_loss: float | None = None, irreducible: bool = False,
+    n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+) -> ComputeMultiplier:
+    """The compute multiplier of optimizer A over B at a matched loss (Moonlight's method,
+    Liu et al. 2025, Sec. 3: fit each optimizer's loss-vs-compute law, compare the compute
+    each needs for the same loss).
+
+    Each optimizer's points (training compute C, loss L; e.g. the compute-optimal runs of a
+    sweep) are fitted with `fit_power_law`, L = a C^-b (+ E with `irreducible`, this
+    module's convention), and the multiplier is C_B(L*) / C_A(L*) with `compute_at_loss`.
+    With equal exponents (and offsets) it is the same at every loss; otherwise it depends on
+    L*, by default the lowest loss that both optimizers' data reach,
+    max(min L_A, min L_B), so that neither law is extrapolated.
+
+    Uncertainty: a nonparametric bootstrap over points: each optimizer's points are
+    resampled with replacement (independently, `n_boot` times), both laws refitted and the
+    multiplier recomputed at the same L*; `std` is the standard deviation of those
+    multipliers and `ci` their central `level` percentile interval. (Not the delta method:
+    with few points the fit's covariance understates the spread, and the bootstrap needs
+    no linearisation of the nonlinear L*-inversion.)
+
+    Raises:
+      ValueError: too few points for a fit, or a law that never reaches `at_loss`.
+
+    References:
+      Liu et al., `Muon is Scalable for LLM Training <https://arxiv.org/abs/2502.16982>`_,
+      2025.
+    """
+    ca, la = _log_arrays(compute_a, loss_a)
+    cb, lb = _log_arrays(compute_b, loss_b)
+    law_a = fit_power_law(ca, la, irreducible)
+    law_b = fit_power_law(cb, lb, irreducible)
+    target = float(max(la.min(), lb.min())) if at_loss is None else float(at_loss)
+
+    def ratio(fa: PowerLaw, fb: PowerLaw) -> float:
+        return compute_at_loss(fb, target) / compute_at_loss(fa, target)
+
+    m = ratio(law_a, law_b)
+    if not math.isfinite(m):
+        raise ValueError(f"a fitted law never reaches loss {target:g} (A: {law_a}, B: {law_b})")
+    rng = np.random.default_rng(seed)
+    need = 3 if irreducible else 2
+    boots: list[float] = []
+    for _ in range(int(n_boot)):
+        ia, ib = rng.integers(0, ca.size, ca.size), rng.integers(0, cb.size, cb.size)
+        if np.unique(ca[ia]).size < need or np.unique(cb[ib]).size < need:
+            continue
+        r = ratio(fit_power_law(ca[ia], la[ia], irreducible),
+                  fit_power_law(cb[ib], lb[ib], irreducible))
+        if math.isfinite(r):
+            boots.append(r)
+    std, ci = math.nan, (math.nan, math.nan)
+    if len(boots) > 1:
+        b, q = np.asarray(boots), 100 * (1 - level) / 2
+        std, ci = float(b.std(ddof=1)), (float(np.percentile(b, q)),
+                                         float(np.percentile(b, 100 - q)))
+    return ComputeMultiplier(float(m), std, ci, target, law_a, law_b, len(boots), level)

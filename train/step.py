@@ -43,10 +43,16 @@ class StepOptions:
     # stop_gradient(p(target)) (Dynamic Fine-Tuning, see `cross_entropy`). The reported
     # `loss` and the eval loss stay the plain cross-entropy.
     loss: str = "ce"
+    # Log the gradient noise scale's inputs (`train.noise_scale`): the squared norms of the
+    # microbatches' own gradients and of the step's gradient. Needs grad_accum >= 2.
+    noise_scale: bool = False
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} must be one of {', '.join(LOSSES)}")
+        if self.noise_scale and self.grad_accum < 2:
+            raise ValueError("noise_scale compares the microbatches' gradients with the "
+                             f"step's: it needs grad_accum >= 2, got {self.grad_accum}")
 
 
 LOSSES = ("ce", "dft")
@@ -217,6 +223,11 @@ def _loss_sums(model: Transformer, params, router_bias, batch, options: StepOpti
     return obj_sum + options.z_loss * z_sum, ce_sum, n, aux
 
 
+def _sq_norm(tree: Any) -> jax.Array:
+    """Sum of squares of every element of `tree`, in float32."""
+    return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+
 def make_apply_update(
     cfg: ModelConfig,
     tx: optax.GradientTransformation,
@@ -271,6 +282,12 @@ def make_train_step(
     loss-free balancing update of the router biases from this step's global-batch loads.
     A non-finite loss or gradient skips the whole update (params, optimizer state, biases)
     and increments `state.bad_steps`.
+
+    `options.noise_scale`: the metrics also hold `noise/g_small_sq` (the mean over the
+    microbatches of |G_m|^2, G_m the gradient of microbatch m's own token-mean loss, i.e.
+    its accumulated share scaled by n_total / n_m), `noise/g_big_sq` (|G|^2 of the step's
+    gradient, before the optimizer's clipping) and `noise/b_small`, `noise/b_big` (counted
+    tokens: mean per microbatch, per step), the inputs of `train.noise_scale`.
     """
     cfg: ModelConfig = model.cfg
     k = options.grad_accum
@@ -291,33 +308,41 @@ def make_train_step(
         )
         if k == 1:
             (loss, (ce_sum, aux)), grads = grad_fn(params, router_bias, batch, n_total, rng)
-            return loss, ce_sum / n_total, aux, grads
+            return loss, ce_sum / n_total, aux, grads, {}
         micro = jax.tree.map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), batch)
 
         def body(carry, xs):
             mb, i = xs
-            g_acc, loss_acc, ce_acc = carry
+            g_acc, loss_acc, ce_acc, small_sq = carry
             key = None if rng is None else jax.random.fold_in(rng, i)
             (loss, (ce_sum, aux)), g = grad_fn(params, router_bias, mb, n_total, key)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            return (g_acc, loss_acc + loss, ce_acc + ce_sum), aux
+            if options.noise_scale:  # |G_m|^2 of the microbatch's own mean: g * n_total / n_m
+                n_m = jnp.maximum(jnp.asarray(mb["targets"].size, jnp.float32)
+                                  if mask is None else mb["mask"].sum(), 1.0)
+                small_sq = small_sq + _sq_norm(g) * (n_total / n_m) ** 2
+            return (g_acc, loss_acc + loss, ce_acc + ce_sum, small_sq), aux
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        (grads, loss, ce_sum), auxes = jax.lax.scan(body, (zeros, 0.0, 0.0),
-                                                   (micro, jnp.arange(k)))
+        (grads, loss, ce_sum, small_sq), auxes = jax.lax.scan(
+            body, (zeros, 0.0, 0.0, jnp.zeros((), jnp.float32)), (micro, jnp.arange(k)))
+        noise = {}
+        if options.noise_scale:
+            noise = {"noise/g_small_sq": small_sq / k, "noise/g_big_sq": _sq_norm(grads),
+                     "noise/b_small": n_total / k, "noise/b_big": n_total}
         aux = {"max_logits": jnp.max(auxes["max_logits"], axis=0)}
         if "moe_load" in auxes:
             aux["moe_load"] = jnp.sum(auxes["moe_load"], axis=0)
             aux["moe_dropped"] = jnp.mean(auxes["moe_dropped"], axis=0)
             aux["aux_loss"] = jnp.sum(auxes["aux_loss"]) / k
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-        return loss, ce_sum / n_total, aux, grads
+        return loss, ce_sum / n_total, aux, grads, noise
 
     apply_update = make_apply_update(cfg, tx, post_update)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        loss, ce, aux, grads = compute_grads(state.params, state.router_bias, batch,
-                                             dropout_rng(cfg, state))
+        loss, ce, aux, grads, noise = compute_grads(state.params, state.router_bias, batch,
+                                                    dropout_rng(cfg, state))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, opt_state, router_bias, update_metrics = apply_update(
@@ -325,6 +350,7 @@ def make_train_step(
             state.params, state.opt_state, state.router_bias, grads, aux)
         metrics: dict[str, jax.Array] = {"loss": ce, "total_loss": loss, "grad_norm": grad_norm}
         metrics.update(update_metrics)
+        metrics.update(noise)
         if choose_backend(cfg, batch["inputs"].shape[1]).max_logits:
             metrics["max_logit"] = jnp.max(aux["max_logits"])
             metrics["max_logit_per_layer"] = jnp.max(aux["max_logits"], axis=-1)

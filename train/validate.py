@@ -124,6 +124,7 @@ RULES: dict[str, _Num | _Bool] = {
     "train.grad_accum": _int(1),
     "train.z_loss": NON_NEGATIVE,
     "train.max_bad_steps": _int(0),  # 0: never abort
+    "train.noise_scale_every": _int(0),  # 0: off
     # checkpoint
     "checkpoint.every": _int(1),
     "checkpoint.keep": _int(1, none="keep all"),
@@ -191,6 +192,7 @@ RL_RULES: dict[str, _Num | _Bool] = {
 PREFERENCE_RULES: dict[str, _Num | _Bool] = {
     "preference.beta": _real(0, lo_open=True, none="the loss's default"),
     "preference.label_smoothing": _real(0, 0.5, hi_open=True, none="the loss's default"),
+    "preference.nll_weight": _real(0, none="the loss's default"),
     "preference.gamma": _real(0, none="the loss's default"),
     "preference.lam": _real(0, none="the loss's default"),
     "preference.lambda_d": _real(0, none="the loss's default"),
