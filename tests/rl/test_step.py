@@ -43,7 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CFG = ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=16,
                   attention="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
                   v_head_dim=8, q_lora_rank=12, n_routed_experts=4, n_shared_experts=1, top_k=2,
-                  moe_ffn_dim=16, first_k_dense=1, capacity_factor=2.0, bias_update_rate=1e-2)
+                  moe_ffn_dim=16, first_k_dense=1, capacity_factor=2.0, bias_update_rate=1e-2,
+                  attn_max_logits=True)  # QK-clip needs them (the trainer sets this)
 OPTS = RLOptions(n_prompts=8, group_size=4, max_new_tokens=4, temperature=0.8, beta=0.04,
                  tis=True, updates_per_batch=2, minibatches=2, holdout_modulus=10)
 
