@@ -52,6 +52,9 @@ def get_config() -> ConfigDict:
             overlong_cache_len=placeholder(int),
             # divide advantages by the group std; None: off for dr_grpo, else on | True | False
             adv_std=placeholder(bool),
+            # dr_grpo's normaliser: False -> (rows with a token) x L_max, which moves when rows
+            # are masked; True -> B x L_max, the paper's constant (rl/losses.py dr_grpo)
+            dr_grpo_constant=False,
             holdout_modulus=10,  # 1/m of prompts are eval-only (0: no split)
             eval_every=25,  # greedy held-out accuracy every this many steps and at the last (0: never)
             eval_prompts=256,

@@ -93,6 +93,7 @@ def make_options(r: ConfigDict, task) -> RLOptions:
             dynamic_sampling=_auto(r.dynamic_sampling, "dynamic_sampling", dapo),
             overlong_cache_len=(max(n // 4, 1) if dapo else 0) if overlong is None else int(overlong),
             normalize_adv_std=_auto(r.adv_std, "adv_std", r.loss != "dr_grpo"),
+            dr_grpo_constant=bool(r.get("dr_grpo_constant", False)),
             holdout_modulus=int(r.holdout_modulus),
         )
     except ValueError as e:

@@ -223,10 +223,16 @@ def dr_grpo(
     max_len: int | None = None,
     sampler_logp: jax.Array | None = None,
     tis_cap: float = 2.0,
+    constant_normalizer: bool = False,
 ) -> tuple[jax.Array, Metrics]:
     """Dr. GRPO ("GRPO done right"): GRPO without the length and difficulty biases.
 
     L = -(1/(G L_max)) sum_i sum_t m_it min(r_it A_i, clip(r_it, 1-eps_lo, 1+eps_hi) A_i)
+
+    G is the number of rows with at least one unmasked token (rows masked out entirely,
+    e.g. by DAPO's dynamic sampling, do not count), so the normaliser moves when rows are
+    masked. `constant_normalizer=True` uses the paper's constant instead: G = B, every row
+    of the batch, so the normaliser is B x L_max whatever the mask (TRL's convention too).
 
     The per-sequence 1/|o_i| is replaced by one constant 1/L_max (the generation budget),
     so long wrong answers are not penalized less per token; use advantages without the std
@@ -241,7 +247,8 @@ def dr_grpo(
     lmax = float(logp.shape[-1] if max_len is None else max_len)
 
     def aggregate(x, mask):
-        return jnp.sum(x * mask) / (_n_seqs(mask) * lmax)
+        rows = float(mask.shape[0]) if constant_normalizer else _n_seqs(mask)
+        return jnp.sum(x * mask) / (rows * lmax)
 
     return _token_level(
         logp, old_logp, advantages, mask, ref_logp, eps_lo=eps_lo, eps_hi=eps_hi, beta=beta,

@@ -97,6 +97,8 @@ class RLOptions:
     dynamic_sampling: bool = False  # DAPO: mask groups whose rewards are all equal
     overlong_cache_len: int = 0  # DAPO soft overlong punishment interval (0: off)
     normalize_adv_std: bool = True  # False: Dr. GRPO advantages R - mean
+    # dr_grpo: divide by B x L_max (the paper's constant) instead of the non-empty rows x L_max
+    dr_grpo_constant: bool = False
     holdout_modulus: int = 0  # 1/m of prompts reserved for evaluation (0: no split)
 
     def __post_init__(self):
@@ -144,6 +146,7 @@ class RLOptions:
             kw["tis_cap"] = self.tis_cap
         if self.loss == "dr_grpo":
             kw["max_len"] = self.max_new_tokens
+            kw["constant_normalizer"] = self.dr_grpo_constant
         return kw
 
 

@@ -177,6 +177,7 @@ RL_RULES: dict[str, _Num | _Bool] = {
     "rl.dynamic_sampling": _Bool(none="auto: on for dapo"),
     "rl.overlong_cache_len": _int(0, none="auto: max(N // 4, 1) for dapo, else 0"),
     "rl.adv_std": _Bool(none="auto: off for dr_grpo"),
+    "rl.dr_grpo_constant": _Bool(),
     "rl.holdout_modulus": _int(2, alt=((0, "no split"),)),
     "rl.eval_every": _int(0),  # 0: never
     "rl.eval_prompts": _int(1),

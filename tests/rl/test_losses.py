@@ -370,3 +370,18 @@ def test_overlong_penalty_eq13():
     np.testing.assert_allclose(out, [0, 0, 0, -0.25, -0.75, -1.0, -1.0, -1.0])
     with pytest.raises(ValueError):
         losses.overlong_penalty(lengths, max_len=4, cache_len=8)
+
+
+def test_dr_grpo_constant_normalizer_is_b_times_lmax():
+    """With a row masked out entirely, the default divides by the 3 non-empty rows x L_max;
+    `constant_normalizer` by all B = 4 rows x L_max (the paper's constant), by hand."""
+    lp, old = _example("wide")
+    mask = MASK.copy()
+    mask[2] = 0.0
+    r = np.exp(np.asarray(lp, np.float64) - np.asarray(old, np.float64))
+    clipped = np.clip(r, 0.8, 1.2)
+    terms = np.minimum(r * ADV[:, None], clipped * ADV[:, None]) * mask
+    lmax = lp.shape[-1]
+    _close(losses.dr_grpo(lp, old, ADV, mask)[0], -terms.sum() / (3 * lmax))
+    _close(losses.dr_grpo(lp, old, ADV, mask, constant_normalizer=True)[0],
+           -terms.sum() / (4 * lmax))
