@@ -260,7 +260,7 @@ def merge(workdir: str, out: str, last: int, every: int | None = None,
           weights: str = "uniform", shape: str = "linear") -> MergeResult:
     """Merges the last `last` checkpoints of the run in `workdir` into `out` (see the
     module docstring); returns what was merged and the eval losses."""
-    from model.hf.checkpoint import _new_destination, check_destination, write_orbax
+    from model.hf.checkpoint import check_destination, new_destination, write_orbax
     from train.setup import source_model_config
 
     if weights not in WEIGHTS:
@@ -293,7 +293,7 @@ def merge(workdir: str, out: str, last: int, every: int | None = None,
         merged = {"params": merged["params"]}
     result = MergeResult(os.path.abspath(out), tuple(int(s) for s in steps),
                          tuple(float(x) for x in w), loss, loss_newest)
-    with _new_destination(out):
+    with new_destination(out):
         write_orbax(out, out_cfg, merged)
         with open(os.path.join(out, MERGE_FILE), "w") as f:
             json.dump({"source": os.path.abspath(workdir), "steps": list(result.steps),

@@ -187,7 +187,7 @@ def check_destination(dst: str) -> bool:
 
 
 @contextlib.contextmanager
-def _new_destination(dst: str) -> Iterator[None]:
+def new_destination(dst: str) -> Iterator[None]:
     """Runs the body that writes `dst` (checked by `check_destination`); if it fails, what
     it wrote is removed again (`dst` held nothing before), so no half-written checkpoint
     stays behind."""
@@ -215,7 +215,7 @@ def import_checkpoint(
     is read); if the import fails, `dst` is left as it was."""
     check_destination(dst)
     cfg, variables = load(src, mesh=mesh, dtype=dtype, **overrides)
-    with _new_destination(dst):
+    with new_destination(dst):
         write_orbax(dst, cfg, variables)
         shutil.copy2(os.path.join(src, "config.json"), os.path.join(dst, HF_CONFIG_FILE))
         copy_tokenizer(src, dst)
@@ -237,7 +237,7 @@ def export_checkpoint(
     if os.path.exists(os.path.join(src, HF_CONFIG_FILE)):
         hf = read_json_object(os.path.join(src, HF_CONFIG_FILE))
         extra = {k: hf[k] for k in _TOKEN_KEYS if k in hf}
-    with _new_destination(dst):
+    with new_destination(dst):
         save(dst, cfg, variables, dtype=dtype, max_shard_bytes=max_shard_bytes, extra_config=extra)
         copy_tokenizer(src, dst)
     return lora.base_config(cfg)
