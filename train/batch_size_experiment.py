@@ -54,20 +54,19 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from train import noise_scale, plots
+from train import noise_scale, plots, sweep
 from train.errors import UserError
 from train.metrics import read_metrics
 
-SUMMARY_FILE = "batch_size_summary.json"
-TABLE_FILE = "batch_size.md"
-FIGURE_NAME = "batch_size"
+FIGURE_NAME = "batch_size"  # the files `train.sweep.write_experiment` writes:
+SUMMARY_FILE = f"{FIGURE_NAME}_summary.json"
+TABLE_FILE = f"{FIGURE_NAME}.md"
 ARMS = ("fixed", "scaled")
 
 
@@ -326,35 +325,15 @@ def analyze(workdir: str, ref_batch: int = 16, b2: float = 0.95, tail: float = 0
     runs = find_runs(workdir, ref_batch)
     summary = summarize(runs, b2, ref_batch, tail)
     text = table(summary)
-    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(workdir, TABLE_FILE), "w") as f:
-        f.write(text + "\n")
-    fig_path = os.path.join(workdir, f"{FIGURE_NAME}.png")
-    draw(runs, summary, fig_path,
-         title or "Batch size at equal tokens: Adam beta2 fixed vs scaled")
-    if publish_dir:
-        os.makedirs(publish_dir, exist_ok=True)
-        shutil.copy(fig_path, os.path.join(publish_dir, f"{FIGURE_NAME}.png"))
-    print(text)
+    default_title = "Batch size at equal tokens: Adam beta2 fixed vs scaled"
+    sweep.write_experiment(workdir, FIGURE_NAME, summary, text,
+                           lambda path: draw(runs, summary, path, title or default_title),
+                           publish_dir)
     return summary
 
 
 def _from_config(argv: list[str]) -> None:
-    from train import sweep
-    from train.cli import parse_config
-
-    argv = [("--config.sweep." + a[len("--sweep."):]) if a.startswith("--sweep.") else a
-            for a in argv]
-    sys.argv = argv  # ml_collections finds the override flags in sys.argv
-    config = parse_config(argv)
-    if config.get("sweep") is None or config.sweep.get("batch_size") is None:
-        raise UserError("the --config has no `sweep.batch_size` section "
-                        "(see configs/scaling/batch_size.py)")
-    publish = str(config.sweep.get("publish_dir", "") or "")
-    config.sweep.publish_dir = ""  # only the experiment's figure is published
-    sweep._compile_cache(config)
-    sweep.run_sweep(config)
+    config, publish = sweep.run_experiment_sweep(argv, "batch_size", "configs/scaling/batch_size.py")
     s = config.sweep.batch_size
     analyze(str(config.workdir), int(s.ref_batch), float(s.b2),
             float(s.get("noise_tail", 0.5)), publish, str(s.get("title", "") or ""))

@@ -35,23 +35,21 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import json
 import math
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from train import plots
+from train import plots, sweep
 from train.errors import UserError
 from train.scaling import compute_multiplier
 
-SUMMARY_FILE = "muon_scaling_summary.json"
-TABLE_FILE = "muon_scaling.md"
-FIGURE_NAME = "muon_scaling"
+FIGURE_NAME = "muon_scaling"  # the files `train.sweep.write_experiment` writes:
+SUMMARY_FILE = f"{FIGURE_NAME}_summary.json"
+TABLE_FILE = f"{FIGURE_NAME}.md"
 LABELS = {"adamw": "AdamW", "muon": "Muon"}
 
 
@@ -229,34 +227,15 @@ def analyze(workdir: str, baseline: str = "adamw", candidate: str = "muon",
     summary = summarize(points, baseline, candidate, n_boot, irreducible)
     summary["metric"] = metric
     text = table(summary)
-    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(workdir, TABLE_FILE), "w") as f:
-        f.write(text + "\n")
-    fig_path = os.path.join(workdir, f"{FIGURE_NAME}.png")
-    draw(points, summary, fig_path, title or "Muon vs AdamW: loss against training FLOPs")
-    if publish_dir:
-        os.makedirs(publish_dir, exist_ok=True)
-        shutil.copy(fig_path, os.path.join(publish_dir, f"{FIGURE_NAME}.png"))
-    print(text)
+    default_title = "Muon vs AdamW: loss against training FLOPs"
+    sweep.write_experiment(workdir, FIGURE_NAME, summary, text,
+                           lambda path: draw(points, summary, path, title or default_title),
+                           publish_dir)
     return summary
 
 
 def _from_config(argv: list[str]) -> None:
-    from train import sweep
-    from train.cli import parse_config
-
-    argv = [("--config.sweep." + a[len("--sweep."):]) if a.startswith("--sweep.") else a
-            for a in argv]
-    sys.argv = argv  # ml_collections finds the override flags in sys.argv
-    config = parse_config(argv)
-    if config.get("sweep") is None or config.sweep.get("muon_scaling") is None:
-        raise UserError("the --config has no `sweep.muon_scaling` section "
-                        "(see configs/scaling/muon_scaling.py)")
-    publish = str(config.sweep.get("publish_dir", "") or "")
-    config.sweep.publish_dir = ""  # only the fit figure is published
-    sweep._compile_cache(config)
-    sweep.run_sweep(config)
+    config, publish = sweep.run_experiment_sweep(argv, "muon_scaling", "configs/scaling/muon_scaling.py")
     s = config.sweep.muon_scaling
     analyze(str(config.workdir), str(s.get("baseline", "adamw")),
             str(s.get("candidate", "muon")), str(s.get("metric", "eval_loss")),

@@ -36,6 +36,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -387,12 +388,53 @@ def _compile_cache(config: ConfigDict) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m train.sweep --config FILE [--config.key=v ...] [--sweep.shard=i ...]`."""
-    argv = list(sys.argv if argv is None else argv)
+def _alias_argv(argv: list[str]) -> list[str]:
+    """`--sweep.k=v` -> `--config.sweep.k=v`, also set as `sys.argv` (where ml_collections
+    finds the override flags)."""
     argv = [("--config.sweep." + a[len("--sweep."):]) if a.startswith("--sweep.") else a
             for a in argv]
-    sys.argv = argv  # ml_collections finds the override flags in sys.argv
+    sys.argv = argv
+    return argv
+
+
+def run_experiment_sweep(argv: list[str], section: str, example: str) -> tuple[ConfigDict, str]:
+    """The sweep half of an experiment command (`train.wsm_experiment`, ...): parses `argv`
+    (`--config FILE`, overrides, `--sweep.*` aliases), requires `config.sweep.<section>`
+    (`UserError` naming `example` otherwise), runs the sweep (finished points skipped)
+    without publishing the sweep's own figure, and returns `(config, publish_dir)` for the
+    experiment's analysis."""
+    config = parse_config(_alias_argv(argv))
+    if config.get("sweep") is None or config.sweep.get(section) is None:
+        raise UserError(f"the --config has no `sweep.{section}` section (see {example})")
+    publish = str(config.sweep.get("publish_dir", "") or "")
+    config.sweep.publish_dir = ""  # only the experiment's figure is published
+    _compile_cache(config)
+    run_sweep(config)
+    return config, publish
+
+
+def write_experiment(
+    workdir: str, name: str, summary: dict[str, Any], text: str,
+    draw: Callable[[str], None], publish_dir: str = "",
+) -> None:
+    """Writes an experiment's `<name>_summary.json`, `<name>.md` (the table `text`) and
+    `<name>.png` (`draw(path)`) into `workdir`, copies the figure to `publish_dir` when
+    given, and prints the table."""
+    with open(os.path.join(workdir, f"{name}_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(workdir, f"{name}.md"), "w") as f:
+        f.write(text + "\n")
+    fig_path = os.path.join(workdir, f"{name}.png")
+    draw(fig_path)
+    if publish_dir:
+        os.makedirs(publish_dir, exist_ok=True)
+        shutil.copy(fig_path, os.path.join(publish_dir, f"{name}.png"))
+    print(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m train.sweep --config FILE [--config.key=v ...] [--sweep.shard=i ...]`."""
+    argv = _alias_argv(list(sys.argv if argv is None else argv))
     with user_errors():
         config = parse_config(argv)
         if config.get("sweep") is None:

@@ -39,7 +39,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -48,13 +47,13 @@ from typing import Any
 import numpy as np
 
 from train import merge as merge_lib
-from train import plots
+from train import plots, sweep
 from train.errors import UserError
 from train.metrics import read_metrics
 
-SUMMARY_FILE = "wsm_summary.json"
-TABLE_FILE = "wsm.md"
-FIGURE_NAME = "wsm"
+FIGURE_NAME = "wsm"  # the files `train.sweep.write_experiment` writes:
+SUMMARY_FILE = f"{FIGURE_NAME}_summary.json"
+TABLE_FILE = f"{FIGURE_NAME}.md"
 SHAPE_LABELS = {"linear": "linear", "sqrt": "1-sqrt", "cosine": "cosine"}
 
 
@@ -268,16 +267,10 @@ def analyze(workdir: str, last: Sequence[int] = (2, 4, 8, 16),
     summary["settings"] = {"last": [int(k) for k in last], "decay_shapes": list(shapes),
                            "every": every}
     text = table(summary)
-    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(workdir, TABLE_FILE), "w") as f:
-        f.write(text + "\n")
-    fig_path = os.path.join(workdir, f"{FIGURE_NAME}.png")
-    draw(runs, summary, fig_path, title or "WSM: LR decay vs merging a constant-LR run")
-    if publish_dir:
-        os.makedirs(publish_dir, exist_ok=True)
-        shutil.copy(fig_path, os.path.join(publish_dir, f"{FIGURE_NAME}.png"))
-    print(text)
+    default_title = "WSM: LR decay vs merging a constant-LR run"
+    sweep.write_experiment(workdir, FIGURE_NAME, summary, text,
+                           lambda path: draw(runs, summary, path, title or default_title),
+                           publish_dir)
     return summary
 
 
@@ -289,19 +282,7 @@ def _ints(text: str) -> list[int]:
 
 
 def _from_config(argv: list[str]) -> None:
-    from train import sweep
-    from train.cli import parse_config
-
-    argv = [("--config.sweep." + a[len("--sweep."):]) if a.startswith("--sweep.") else a
-            for a in argv]
-    sys.argv = argv  # ml_collections finds the override flags in sys.argv
-    config = parse_config(argv)
-    if config.get("sweep") is None or config.sweep.get("wsm") is None:
-        raise UserError("the --config has no `sweep.wsm` section (see configs/scaling/wsm.py)")
-    publish = str(config.sweep.get("publish_dir", "") or "")
-    config.sweep.publish_dir = ""  # only the merge figure is published
-    sweep._compile_cache(config)
-    sweep.run_sweep(config)
+    config, publish = sweep.run_experiment_sweep(argv, "wsm", "configs/scaling/wsm.py")
     w = config.sweep.wsm
     every = int(w.get("merge_every", 0) or 0) or None
     analyze(str(config.workdir), tuple(w.merge_last), tuple(w.decay_shapes), every, publish,
