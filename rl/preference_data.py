@@ -47,15 +47,21 @@ batch the next `batch_size` of them, each process its contiguous share. Every ba
 from __future__ import annotations
 
 import dataclasses
-import json
 import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from train.chat import ROLES, encode_pair, load_template, resolve_tokenizer
-from train.data import expand_paths
+from train.chat import (
+    check_message,
+    encode_pair,
+    json_object,
+    load_template,
+    read_jsonl,
+    record_key,
+    resolve_tokenizer,
+)
 from train.errors import UserError
 from train.tokenizers import make_tokenizer
 
@@ -101,28 +107,14 @@ def _prompt(value: Any, where: str) -> str | tuple[dict[str, str], ...]:
         raise UserError(f"{where}: 'prompt' must be a string or a non-empty list of messages, "
                         f"not {type(value).__name__ if value != [] else 'an empty list'}")
     for i, m in enumerate(value):
-        at = f"{where}: prompt[{i}]"
-        if not isinstance(m, dict):
-            raise UserError(f"{at} must be an object with 'role' and 'content'")
-        for k in ("role", "content"):
-            if k not in m:
-                raise UserError(f"{at}: missing field {k!r}")
-            if not isinstance(m[k], str):
-                raise UserError(f"{at}: {k!r} must be a string, not {type(m[k]).__name__}")
-        if m["role"] not in ROLES:
-            raise UserError(f"{at}: unknown role {m['role']!r} (one of {', '.join(ROLES)})")
+        check_message(m, f"{where}: prompt[{i}]", nonempty_assistant=False)
     return tuple({"role": m["role"], "content": m["content"]} for m in value)
 
 
 def parse_record(line: str, where: str, paired_only: bool) -> Record:
     """One JSONL line -> a `Record` (module docstring); `UserError` naming `where`.
     `paired_only`: an unpaired example is an error (the pairwise losses)."""
-    try:
-        obj = json.loads(line)
-    except ValueError as e:
-        raise UserError(f"{where}: not valid JSON: {e}") from e
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: a record must be a JSON object, not {type(obj).__name__}")
+    obj = json_object(line, where)
     paired = "chosen" in obj or "rejected" in obj
     if paired:
         fields = ("prompt", "chosen", "rejected")
@@ -140,7 +132,7 @@ def parse_record(line: str, where: str, paired_only: bool) -> Record:
         if k not in obj:
             raise UserError(f"{where}: missing field {k!r}")
     prompt = _prompt(obj["prompt"], where)
-    key = zlib.crc32(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    key = record_key(obj)
     if paired:
         return Record(prompt, _completion(obj["chosen"], "chosen", where),
                       _completion(obj["rejected"], "rejected", where), None, where, key)
@@ -152,21 +144,8 @@ def parse_record(line: str, where: str, paired_only: bool) -> Record:
 
 def read_records(paths: Sequence[str] | str, paired_only: bool) -> list[Record]:
     """The records of the JSONL files `paths` names, in order (see `parse_record`)."""
-    files = expand_paths(paths, (".jsonl",))
-    out = []
-    for f in files:
-        try:
-            with open(f, encoding="utf-8") as fh:
-                lines = fh.read().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read preference data file {str(f)!r}: "
-                            f"{getattr(e, 'strerror', None) or e}") from e
-        out += [parse_record(line, f"{f}:{n}", paired_only)
-                for n, line in enumerate(lines, start=1) if line.strip()]
-    if not out:
-        raise UserError(f"config.data.paths: no preference record in "
-                        f"{', '.join(map(str, files))}")
-    return out
+    return read_jsonl(paths, "preference",
+                      lambda line, where: parse_record(line, where, paired_only))
 
 
 # ------------------------------------------------------------------------------- rows

@@ -59,7 +59,7 @@ import datetime
 import json
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -100,9 +100,11 @@ class Record:
     key: int
 
 
-def read_records(paths: Sequence[str] | str) -> list[Record]:
-    """The records of the JSONL files that `paths` name (files, directories, globs), in
-    order; a malformed one is a `UserError` naming `file:line`."""
+def read_jsonl(paths: Sequence[str] | str, what: str,
+               parse: Callable[[str, str], Any]) -> list[Any]:
+    """`parse(line, 'file:line')` of every non-blank line of the JSONL files that `paths`
+    name (files, directories, globs), in order; an unreadable file or no record at all is
+    a `UserError` (`what`: the kind of data, for the messages)."""
     files = expand_paths(paths, JSONL_SUFFIXES)
     out = []
     for f in files:
@@ -110,24 +112,39 @@ def read_records(paths: Sequence[str] | str) -> list[Record]:
             with open(f, encoding="utf-8") as fh:
                 lines = fh.read().splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read chat data file {str(f)!r}: "
+            raise UserError(f"cannot read {what} data file {str(f)!r}: "
                             f"{getattr(e, 'strerror', None) or e}") from e
-        for n, line in enumerate(lines, start=1):
-            if line.strip():
-                out.append(parse_record(line, f"{f}:{n}"))
+        out += [parse(line, f"{f}:{n}") for n, line in enumerate(lines, start=1) if line.strip()]
     if not out:
-        raise UserError(f"config.data.paths: no chat record in {', '.join(map(str, files))}")
+        raise UserError(f"config.data.paths: no {what} record in {', '.join(map(str, files))}")
     return out
 
 
-def parse_record(line: str, where: str) -> Record:
-    """One JSONL line -> a `Record` (see the module docstring); `UserError` naming `where`."""
+def json_object(line: str, where: str) -> dict[str, Any]:
+    """One JSONL line as a JSON object; `UserError` naming `where` otherwise."""
     try:
         obj = json.loads(line)
     except ValueError as e:
         raise UserError(f"{where}: not valid JSON: {e}") from e
     if not isinstance(obj, dict):
         raise UserError(f"{where}: a record must be a JSON object, not {type(obj).__name__}")
+    return obj
+
+
+def record_key(obj: dict[str, Any]) -> int:
+    """The hash of a record that puts it in the eval split (by `data.eval_permille`)."""
+    return zlib.crc32(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+
+
+def read_records(paths: Sequence[str] | str) -> list[Record]:
+    """The records of the JSONL files that `paths` name (files, directories, globs), in
+    order; a malformed one is a `UserError` naming `file:line`."""
+    return read_jsonl(paths, "chat", parse_record)
+
+
+def parse_record(line: str, where: str) -> Record:
+    """One JSONL line -> a `Record` (see the module docstring); `UserError` naming `where`."""
+    obj = json_object(line, where)
     has_messages, has_pair = "messages" in obj, "prompt" in obj or "completion" in obj
     if has_messages and has_pair:
         raise UserError(f"{where}: a record has 'messages' or 'prompt'/'completion', not both")
@@ -136,7 +153,7 @@ def parse_record(line: str, where: str) -> Record:
         if not isinstance(messages, list) or not messages:
             raise UserError(f"{where}: 'messages' must be a non-empty list")
         for i, m in enumerate(messages):
-            _check_message(m, f"{where}: messages[{i}]")
+            check_message(m, f"{where}: messages[{i}]")
         if not any(m["role"] == "assistant" for m in messages):
             raise UserError(f"{where}: no assistant message (nothing to train on)")
     elif has_pair:
@@ -153,11 +170,12 @@ def parse_record(line: str, where: str) -> Record:
     else:
         raise UserError(f"{where}: a record needs 'messages' or 'prompt' and 'completion' "
                         f"(it has {sorted(obj) or 'no keys'})")
-    key = zlib.crc32(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8"))
-    return Record(tuple(messages), where, key)
+    return Record(tuple(messages), where, record_key(obj))
 
 
-def _check_message(m: Any, where: str) -> None:
+def check_message(m: Any, where: str, nonempty_assistant: bool = True) -> None:
+    """A `{"role", "content"}` message with a known role; `UserError` naming `where`
+    otherwise (also for an empty assistant turn when it is trained on)."""
     if not isinstance(m, dict):
         raise UserError(f"{where} must be an object with 'role' and 'content'")
     for k in ("role", "content"):
@@ -167,7 +185,7 @@ def _check_message(m: Any, where: str) -> None:
             raise UserError(f"{where}: {k!r} must be a string, not {type(m[k]).__name__}")
     if m["role"] not in ROLES:
         raise UserError(f"{where}: unknown role {m['role']!r} (one of {', '.join(ROLES)})")
-    if m["role"] == "assistant" and not m["content"]:
+    if nonempty_assistant and m["role"] == "assistant" and not m["content"]:
         raise UserError(f"{where}: empty assistant content (nothing to train on)")
 
 
