@@ -57,12 +57,32 @@ def decode_mask(positions: jax.Array, cache_len: int) -> jax.Array:
     return jnp.arange(cache_len)[None, None, :] <= positions[:, :, None]
 
 
-def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Writes `new [batch, length, ...]` into `cache [batch, cache_len, ...]` at `positions`
-    (per row; positions past the end are dropped)."""
-    return jax.vmap(lambda c, n, p: c.at[p].set(n.astype(c.dtype), mode="drop"))(
-        cache, new, positions
-    )
+def write_cache(
+    cache: jax.Array, new: jax.Array, positions: jax.Array, *, slot_axis: int = 1,
+    layer: jax.Array | None = None,
+) -> jax.Array:
+    """Writes `new [batch, length, heads..., dim]` into `cache` at `positions [batch,
+    length]` (per row; positions past the end are dropped): one scatter that XLA performs
+    in place (the cache buffer is updated, not copied), so a decode step writes only its
+    new entries.
+
+    `cache` is `[batch, ...]` with the slot (position) axis at `slot_axis` and the other
+    axes in `new`'s order (`new`'s `heads..., dim` with the slot axis taken out), e.g.
+    `[batch, slot, dim]` (`slot_axis=1`) or `[batch, kv_heads, slot, head_dim]`
+    (`slot_axis=2`). With `layer` (an int32 scalar, may be traced) `cache` has a leading
+    `layers` axis (the stacked cache of a scanned stack) and row `layer` is written.
+    """
+    rows = jnp.arange(new.shape[0])[:, None]
+    idx = (rows,) + (slice(None),) * (slot_axis - 1) + (positions,)
+    if layer is not None:
+        idx = (layer,) + idx
+    return cache.at[idx].set(new.astype(cache.dtype), mode="drop", unique_indices=True)
+
+
+def cache_layer(cache: jax.Array, layer: jax.Array | None) -> jax.Array:
+    """The cache of one layer: `cache` itself, or with `layer` row `layer` of a stacked
+    `[layers, ...]` cache."""
+    return cache if layer is None else jax.lax.dynamic_index_in_dim(cache, layer, 0, False)
 
 
 def masked_exp(logits: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -228,9 +248,17 @@ def _heads_last(denom: jax.Array) -> jax.Array:
 
 class Attention(nn.Module):
     """Multi-head attention with grouped KV heads (MHA when n_kv_heads == n_heads, GQA
-    otherwise; Ainslie et al., 2023), RoPE and optional per-head QK RMSNorm."""
+    otherwise; Ainslie et al., 2023), RoPE and optional per-head QK RMSNorm.
+
+    Decoding cache: `key [batch, kv_heads, max_seq_len, head_dim]` and `value [batch,
+    kv_heads, head_dim, max_seq_len]`, the layouts the two attention products read without
+    a transpose. `stack=n > 0`: the module is the body of a scanned stack of n layers that
+    share one cache with a leading `layers` axis, carried through the scan, and `layer`
+    says which row is this layer's (see `Transformer`).
+    """
 
     cfg: ModelConfig
+    stack: int = 0
 
     @nn.compact
     def __call__(
@@ -239,6 +267,7 @@ class Attention(nn.Module):
         positions: jax.Array,
         segment_ids: jax.Array | None = None,
         decode: bool = False,
+        layer: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
         b, t, d = x.shape
@@ -262,19 +291,18 @@ class Attention(nn.Module):
             y = dense(cfg, h * hd, d, ("heads", "embed"), "o_proj")(o.reshape(b, t, h * hd))
             return y, ml
 
-        shape = (b, cfg.max_seq_len, kv, hd)
-        ck = self.variable("cache", "key", jnp.zeros, shape, q.dtype)
-        cv = self.variable("cache", "value", jnp.zeros, shape, q.dtype)
-        ck.value = write_cache(ck.value, k, positions)
-        cv.value = write_cache(cv.value, v, positions)
-        k, v = ck.value, cv.value
-        mask = decode_mask(positions, cfg.max_seq_len)
+        s, lead = cfg.max_seq_len, (self.stack,) if self.stack else ()
+        ck = self.variable("cache", "key", jnp.zeros, lead + (b, kv, s, hd), q.dtype)
+        cv = self.variable("cache", "value", jnp.zeros, lead + (b, kv, hd, s), q.dtype)
+        ck.value = write_cache(ck.value, k, positions, slot_axis=2, layer=layer)
+        cv.value = write_cache(cv.value, v, positions, slot_axis=3, layer=layer)
+        k, v = cache_layer(ck.value, layer), cache_layer(cv.value, layer)
         qg = q.reshape(b, t, kv, g, hd)
         logits = jnp.einsum(
-            "btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32
+            "btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32
         ) * cfg.softmax_scale
-        e, denom, max_logits = masked_exp(logits, mask)
-        o = jnp.einsum("bkgts,bskd->btkgd", e.astype(v.dtype), v)
+        e, denom, max_logits = masked_exp(logits, decode_mask(positions, s))
+        o = jnp.einsum("bkgts,bkds->btkgd", e.astype(v.dtype), v)
         o = (o / _heads_last(denom).astype(o.dtype)).reshape(b, t, h * hd)
         y = dense(cfg, h * hd, d, ("heads", "embed"), "o_proj")(o)
         return y, max_logits.reshape(h)
@@ -290,10 +318,11 @@ class MLAttention(nn.Module):
 
     Decoding caches only c_kv and the rotated shared key (kv_lora_rank + qk_rope_head_dim
     values per token) and uses the absorbed form: W_uk is folded into the query and W_uv
-    is applied after attending over the latents.
+    is applied after attending over the latents. `stack` and `layer`: as in `Attention`.
     """
 
     cfg: ModelConfig
+    stack: int = 0
 
     @nn.compact
     def __call__(
@@ -302,6 +331,7 @@ class MLAttention(nn.Module):
         positions: jax.Array,
         segment_ids: jax.Array | None = None,
         decode: bool = False,
+        layer: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         cfg = self.cfg
         b, t, d = x.shape
@@ -336,20 +366,21 @@ class MLAttention(nn.Module):
             return o_proj(o.reshape(b, t, h * vd)), ml
 
         # Absorbed decoding over the latent cache.
-        s = cfg.max_seq_len
-        cc = self.variable("cache", "c_kv", jnp.zeros, (b, s, r), dt)
-        cr = self.variable("cache", "k_rope", jnp.zeros, (b, s, rope), dt)
-        cc.value = write_cache(cc.value, c_kv, positions)
-        cr.value = write_cache(cr.value, k_rope, positions)
+        s, lead = cfg.max_seq_len, (self.stack,) if self.stack else ()
+        cc = self.variable("cache", "c_kv", jnp.zeros, lead + (b, s, r), dt)
+        cr = self.variable("cache", "k_rope", jnp.zeros, lead + (b, s, rope), dt)
+        cc.value = write_cache(cc.value, c_kv, positions, layer=layer)
+        cr.value = write_cache(cr.value, k_rope, positions, layer=layer)
+        c_cache, r_cache = cache_layer(cc.value, layer), cache_layer(cr.value, layer)
         w = kv_b.kernel.astype(dt).reshape(r, h, nope + vd)
         w_uk, w_uv = w[..., :nope], w[..., nope:]
         q_lat = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk)
         logits = (
-            jnp.einsum("bthr,bsr->bhts", q_lat, cc.value, preferred_element_type=jnp.float32)
-            + jnp.einsum("bthp,bsp->bhts", q_rope, cr.value, preferred_element_type=jnp.float32)
+            jnp.einsum("bthr,bsr->bhts", q_lat, c_cache, preferred_element_type=jnp.float32)
+            + jnp.einsum("bthp,bsp->bhts", q_rope, r_cache, preferred_element_type=jnp.float32)
         ) * scale
         e, denom, max_logits = masked_exp(logits, decode_mask(positions, s))
-        o_lat = jnp.einsum("bhts,bsr->bthr", e.astype(dt), cc.value)
+        o_lat = jnp.einsum("bhts,bsr->bthr", e.astype(dt), c_cache)
         o_lat = o_lat / _heads_last(denom).astype(o_lat.dtype)
         o = jnp.einsum("bthr,rhv->bthv", o_lat, w_uv)
         return o_proj(o.reshape(b, t, h * vd)), max_logits

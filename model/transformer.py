@@ -10,7 +10,12 @@ Parameter layout: `embed/embedding`, `layers_{i}/{attn_norm,attn,ffn_norm,mlp|mo
 `final_norm/scale`, `lm_head/kernel`. With `scan_layers=True` the blocks are stacked with
 a leading `layers` axis under `dense_stack/...` (the first `first_k_dense` layers, or all
 of a dense model) and `moe_stack/...`. `attention_param_paths` and `moe_bias_paths` give the
-paths that code outside the model (QK-clip, the balancing update) works on.
+paths that code outside the model (QK-clip, the balancing update) works on;
+`stack_layers` turns per-layer variables into the stacked layout.
+
+Decoding (`decode=True`) with scanned layers carries each stack's cache, `[layers, ...]`,
+whole through the layer scan: each layer writes its new entries into its own row in place
+(no per-step copy of the cache).
 """
 
 from __future__ import annotations
@@ -42,16 +47,19 @@ class Block(nn.Module):
     moe: bool = False
     decode: bool = False
     mesh: Mesh | None = None
+    stack: int = 0  # decoding in a scanned stack of this many layers (see `Attention`)
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None
+        self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+        layer: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         attn_cls = MLAttention if cfg.attention == "mla" else Attention
         h = RMSNorm(cfg.norm_eps, dt, pdt, name="attn_norm")(x)
-        h, max_logits = attn_cls(cfg, name="attn")(h, positions, segment_ids, self.decode)
+        h, max_logits = attn_cls(cfg, self.stack, name="attn")(
+            h, positions, segment_ids, self.decode, layer)
         x = x + h
         h = RMSNorm(cfg.norm_eps, dt, pdt, name="ffn_norm")(x)
         aux: dict[str, jax.Array] = {"max_logits": max_logits}
@@ -79,6 +87,10 @@ class Transformer(nn.Module):
     [layers, heads]` and, for MoE models, `moe_load [moe_layers, experts]`,
     `moe_dropped [moe_layers]` and the summed `aux_loss`.
 
+    `logits_at [batch]` (int): only the head outputs at position `logits_at[b]` of each row,
+    `[batch, 1, ...]` (a prefill that needs only each prompt's last logits skips the LM head
+    and its `[batch, length, vocab]` float32 output for the rest).
+
     With `return_hidden=True` it returns `(hidden [batch, length, d_model], aux)` instead:
     the final-norm output before the LM head, so that a loss can apply the head in chunks
     (`lm_head(cfg, params)` gives its kernel and logit multiplier). Initialize with the
@@ -103,6 +115,7 @@ class Transformer(nn.Module):
         segment_ids: jax.Array | None = None,
         decode: bool = False,
         return_hidden: bool = False,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.cfg
         b, t = tokens.shape
@@ -131,16 +144,23 @@ class Transformer(nn.Module):
             for name, is_moe, n in stacks:
                 if n == 0:
                     continue
+                # Decoding carries each stack's cache whole through the layer scan (each
+                # layer writes its own row in place and reads it) instead of slicing it per
+                # layer and stacking the results, which would copy the whole cache every
+                # step. A cache is created (`init_cache`) the plain way: same layout.
+                carry = decode and self.has_variable("cache", name)
                 scanned = nn.scan(
                     _block_cls(cfg, True),
-                    variable_axes={"params": 0, "router_bias": 0, "cache": 0},
+                    variable_axes={"params": 0, "router_bias": 0, **({} if carry else {"cache": 0})},
+                    variable_carry="cache" if carry else False,
                     split_rngs={"params": True, "dropout": True},
-                    in_axes=(nn.broadcast, nn.broadcast),
+                    in_axes=(nn.broadcast, nn.broadcast, 0),
                     length=n,
                     metadata_params={nn.PARTITION_NAME: "layers"},
                 )
-                x, aux = scanned(cfg, is_moe, decode, self.mesh, name=name)(
-                    x, positions, segment_ids)
+                layer = jnp.arange(n, dtype=jnp.int32) if carry else None
+                x, aux = scanned(cfg, is_moe, decode, self.mesh, n if carry else 0, name=name)(
+                    x, positions, segment_ids, layer)
                 auxes.append(aux)
         else:
             for i in range(cfg.n_layers):
@@ -150,6 +170,8 @@ class Transformer(nn.Module):
                 auxes.append(jax.tree.map(lambda a: a[None], aux))
 
         x = RMSNorm(cfg.norm_eps, dt, pdt, name="final_norm")(x)
+        if logits_at is not None:  # one position per row: [batch, 1, d_model]
+            x = jnp.take_along_axis(x, logits_at.astype(jnp.int32)[:, None, None], axis=1)
         if return_hidden:
             return x, _collect_aux(auxes, cfg)
         if cfg.tie_embeddings:
@@ -197,6 +219,32 @@ def init_cache(model: Transformer, params: Any, batch_size: int) -> Any:
         lambda p: model.apply(p, tokens, decode=True, mutable=["cache"])[1]["cache"], params
     )
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def stack_layers(cfg: ModelConfig, variables: Any) -> Any:
+    """`variables` of `Transformer(cfg)` with per-layer blocks (`scan_layers=False`:
+    `layers_{i}/...`) in the layout of its scanned twin (`cfg.replace(scan_layers=True)`):
+    every leaf of the first `n_dense_layers` blocks stacked along a new leading axis under
+    `dense_stack/...`, those of the MoE blocks under `moe_stack/...`, in every collection
+    (`params` with any LoRA adapters, `router_bias`, ...); everything else as is. The stacked
+    arrays are new buffers (one copy of the block weights). Returns `variables` unchanged
+    when `cfg.scan_layers` is already set."""
+    if cfg.scan_layers:
+        return variables
+    groups = [("dense_stack", range(cfg.n_dense_layers)),
+              ("moe_stack", range(cfg.n_dense_layers, cfg.n_layers))]
+    out = {}
+    for col, tree in variables.items():
+        if not any(f"layers_{i}" in tree for i in range(cfg.n_layers)):
+            out[col] = tree
+            continue
+        new = {k: v for k, v in tree.items() if not k.startswith("layers_")}
+        for name, idx in groups:
+            blocks = [tree[f"layers_{i}"] for i in idx if f"layers_{i}" in tree]
+            if blocks:
+                new[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+        out[col] = new
+    return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,13 @@ into the cache too, but a query at position p attends only to slots <= p of its 
 (`model.attention.decode_mask`), and decoding overwrites slot p before attending, so stale
 pad slots are never seen.
 
+Per-step work: the layers run scanned by default (a model with per-layer parameters is run
+as its `scan_layers=True` twin on its parameters stacked once per call, so the step
+compiles one block per stack), each step scatters its new keys into the carried caches in
+place (tests/rl/test_sampling_speed.py checks the compiled loop for cache copies), the
+prefill applies the LM head only at each prompt's last token, and the token choice does
+only what its options need (no sort without top-p; greedy is an argmax).
+
 MoE models: with the dropless dispatch (the default on CPU, TPU and Hopper GPUs) sampling
 is exact (equal to the full forward); with capacity buffers the capacity is computed per
 forward call (prefill: B * P tokens, each decode step: B tokens), so it is exact when no
@@ -27,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from model import Transformer, init_cache
+from model.transformer import stack_layers
 
 EOS = 256  # the byte tokenizer's end-of-document token
 
@@ -76,19 +84,25 @@ def sample_token(
     Returns `(token [B] int32, logp [B], logp_model [B])`: `logp` is the token's log-prob
     under the distribution it was drawn from (temperature and filters applied; 0 for greedy,
     a point mass), `logp_model` under the model's own distribution (temperature 1, no
-    filtering), which is what the training forward computes.
+    filtering), which is what the training forward computes. Only the work the options
+    need is traced: greedy is an argmax, temperature 1 without filters draws from the
+    logits as they are (`logp` is `logp_model`), and `filter_logits` sorts only for top-p.
     """
     logits = logits.astype(jnp.float32)
-    logp_all = jax.nn.log_softmax(logits, axis=-1)
+
+    def token_logp(x, tok):  # log_softmax(x)[tok] without a [B, V] log-softmax buffer
+        return jnp.take_along_axis(x, tok[:, None], -1)[:, 0] - jax.nn.logsumexp(x, axis=-1)
+
     if greedy or temperature == 0:
-        tok = jnp.argmax(logits, axis=-1)
-        logp = jnp.zeros(tok.shape, jnp.float32)
-    else:
-        x = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-        tok = jax.random.categorical(key, x, axis=-1)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), tok[:, None], -1)[:, 0]
-    logp_model = jnp.take_along_axis(logp_all, tok[:, None], -1)[:, 0]
-    return tok.astype(jnp.int32), logp, logp_model
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tok, jnp.zeros(tok.shape, jnp.float32), token_logp(logits, tok)
+    if temperature == 1 and top_k == 0 and top_p == 1:  # the model's own distribution
+        tok = jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+        logp_model = token_logp(logits, tok)
+        return tok, logp_model, logp_model
+    x = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    tok = jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+    return tok, token_logp(x, tok), token_logp(logits, tok)
 
 
 def sample(
@@ -105,6 +119,7 @@ def sample(
     eos_id: int | Sequence[int] | jax.Array = EOS,
     greedy: bool = False,
     pad_id: int | None = None,
+    scan_layers: bool | None = None,
 ) -> dict[str, jax.Array]:
     """Samples up to `max_new_tokens` tokens after each prompt; jittable (`variables`,
     prompts, lengths, key and `eos_id` may be traced; the rest must be static).
@@ -121,6 +136,11 @@ def sample(
       eos_id: the stop token(s): one id or several (a sequence or a 1-D array).
       pad_id: fills the completion after a row stopped and `tokens` past each row's end;
         defaults to the first stop token.
+      scan_layers: decode with the layers scanned (None, the default, or True) or unrolled
+        (False). A model with `cfg.scan_layers=False` is then run as its scanned twin,
+        with its per-layer parameters stacked once per call (`model.transformer.
+        stack_layers`: one copy of the block weights, inside the jitted program): a small
+        compiled step, where an unrolled one compiles every layer separately.
     Returns:
       dict with `completion [B, N]` int32; `completion_mask [B, N]` int32, 1 on generated
       tokens up to and including the first stop token; `logp [B, N]` the sampling
@@ -150,6 +170,12 @@ def sample(
     stop = jnp.atleast_1d(jnp.asarray(eos_id, jnp.int32))
     pad = stop[0] if pad_id is None else jnp.asarray(pad_id, jnp.int32)
     v = {k: val for k, val in variables.items() if k != "cache"}
+    if scan_layers in (None, True) and not cfg.scan_layers:
+        v = stack_layers(cfg, v)
+        model = model.clone(cfg=cfg.replace(scan_layers=True))
+    elif scan_layers is False and cfg.scan_layers:
+        raise ValueError("scan_layers=False needs a model with cfg.scan_layers=False "
+                         "(its parameters are stacked)")
     prompt_tokens = prompt_tokens.astype(jnp.int32)
     prompt_lens = prompt_lens.astype(jnp.int32)
     rows = jnp.arange(b)
@@ -161,14 +187,15 @@ def sample(
     def is_stop(tok):
         return jnp.any(tok[:, None] == stop[None, :], axis=-1)
 
-    # Prefill: the whole padded prompt block in one forward, writing slots 0..P-1.
+    # Prefill: the whole padded prompt block in one forward, writing slots 0..P-1; the LM
+    # head runs only at each row's last prompt token.
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     (logits, _), upd = model.apply(
         {**v, "cache": init_cache(model, v, b)}, prompt_tokens, positions,
-        decode=True, mutable=["cache"],
+        decode=True, logits_at=prompt_lens - 1, mutable=["cache"],
     )
     key, k0 = jax.random.split(key)
-    tok, lp, lpm = pick(logits[rows, prompt_lens - 1], k0)
+    tok, lp, lpm = pick(logits[:, 0], k0)
 
     completion = jnp.full((b, n), pad, jnp.int32).at[:, 0].set(tok)
     logp = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)

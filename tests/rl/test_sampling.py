@@ -1,7 +1,9 @@
 """rl.sampling: greedy == argmax over the full (non-cached) forward recomputed each step,
-sampler log-probs == the training forward's (MHA and MLA+MoE), top-k / top-p never emit an
-excluded token, the while loop stops as soon as every row has stopped, expert-parallel MoE
-sampling (a model given a mesh) == single-program sampling, generate_text."""
+sampler log-probs == the training forward's (MHA and MLA+MoE; layers scanned, the default,
+and unrolled), scanned sampling == unrolled (stacked LoRA adapters and router biases),
+top-k / top-p never emit an excluded token, the while loop stops as soon as every row has
+stopped, expert-parallel MoE sampling (a model given a mesh) == single-program sampling,
+generate_text."""
 
 import functools
 
@@ -13,7 +15,8 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P_
 
-from model import LOGICAL_RULES, ModelConfig, make_mesh
+from model import LOGICAL_RULES, ModelConfig, Transformer, make_mesh
+from model.transformer import stack_layers
 from rl.generate import generate_text
 from rl.sampling import completion_logp, filter_logits, sample, sample_token
 from train.data import ByteTokenizer
@@ -78,12 +81,13 @@ def _greedy_reference(model, variables, fwd, prompts, lens, n, stop=()):
     return out, logps
 
 
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("name", ["mha", "mla_moe"])
-def test_greedy_equals_full_forward_argmax(tiny, jit, name):
+def test_greedy_equals_full_forward_argmax(tiny, jit, name, scan):
     model, variables = tiny(CONFIGS[name])
     prompts = _prompts()
-    out = _sampler(model, jit, greedy=True)(variables, prompts, LENS, jax.random.key(0),
-                                            _stop(-1))
+    out = _sampler(model, jit, greedy=True, scan_layers=scan)(
+        variables, prompts, LENS, jax.random.key(0), _stop(-1))
     ref, ref_logp = _greedy_reference(model, variables, _full_forward(model, jit), prompts, LENS, N)
     np.testing.assert_array_equal(np.asarray(out["completion"]), ref)
     np.testing.assert_array_equal(np.asarray(out["completion_mask"]), 1)
@@ -97,15 +101,16 @@ def test_greedy_equals_full_forward_argmax(tiny, jit, name):
         np.testing.assert_array_equal(toks[b, LENS[b]: LENS[b] + N], ref[b])
 
 
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("name", ["mha", "mla_moe"])
-def test_sampler_logp_equals_training_forward(tiny, jit, name):
+def test_sampler_logp_equals_training_forward(tiny, jit, name, scan):
     """Temperature-1 sampling: the sampler's log-probs (cached decode) == the full-sequence
     forward's log-probs of the same completion (1e-5, float32), with rows of different
     lengths (row 0 stops early at a token it samples; the key schedule does not depend on
     the stop tokens, so a second run reproduces the first up to the stop)."""
     model, variables = tiny(CONFIGS[name])
     prompts, key = _prompts(seed=5), jax.random.key(1)
-    run = _sampler(model, jit)
+    run = _sampler(model, jit, scan_layers=scan)
     first = run(variables, prompts, LENS, key, _stop(-1))
     out = run(variables, prompts, LENS, key, _stop(int(first["completion"][0, 3])))
     mask = np.asarray(out["completion_mask"])
@@ -119,6 +124,40 @@ def test_sampler_logp_equals_training_forward(tiny, jit, name):
     assert np.all(np.asarray(out["logp"])[mask == 1] < 0)
     # Many distinct tokens were drawn (it samples, it does not collapse to argmax).
     assert len(np.unique(np.asarray(out["completion"]))) > N
+
+
+@pytest.mark.parametrize("name", ["gqa_lora", "mla_moe"])
+def test_scanned_sampling_equals_unrolled(tiny, jit, name):
+    """A per-layer model sampled with scanned layers (the default: its twin with
+    `scan_layers=True` on `stack_layers` of its variables), unrolled (`scan_layers=False`),
+    and a natively scanned model given the stacked variables draw the same tokens with the
+    same log-probs; `stack_layers` gives exactly the scanned model's variable layout (LoRA
+    adapters and MoE router biases, here nonzero, included)."""
+    cfg = {"gqa_lora": MHA.replace(n_kv_heads=2, lora_rank=4), "mla_moe": MLA_MOE}[name]
+    model, variables = tiny(cfg)
+    rng = np.random.default_rng(2)
+    variables = {**variables, **({"router_bias": jax.tree.map(
+        lambda b: jnp.asarray(0.3 * rng.standard_normal(b.shape), b.dtype),
+        variables["router_bias"])} if "router_bias" in variables else {})}
+    scanned = Transformer(cfg.replace(scan_layers=True))
+    stacked = stack_layers(cfg, variables)
+    abstract = jax.eval_shape(scanned.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+    assert (jax.tree.map(lambda x: (x.shape, x.dtype), stacked)
+            == jax.tree.map(lambda x: (x.shape, x.dtype), nn.unbox(abstract)))
+    if cfg.lora_rank:
+        assert "lora_b" in stacked["params"]["dense_stack"]["attn"]["q_proj"]
+    prompts, key, stop = _prompts(seed=9), jax.random.key(4), _stop(-1)
+    outs = [_sampler(model, jit, scan_layers=True)(variables, prompts, LENS, key, stop),
+            _sampler(model, jit, scan_layers=False)(variables, prompts, LENS, key, stop),
+            _sampler(scanned, jit)(stacked, prompts, LENS, key, stop)]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(np.asarray(out["completion"]),
+                                      np.asarray(outs[0]["completion"]))
+        np.testing.assert_allclose(np.asarray(out["logp_model"]),
+                                   np.asarray(outs[0]["logp_model"]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="scan_layers=False"):
+        sample(scanned, stacked, prompts, jnp.asarray(LENS), key, max_new_tokens=N,
+               scan_layers=False)
 
 
 def test_expert_parallel_sampling_equals_single_program(tiny, jit):
