@@ -26,7 +26,9 @@ def get_config() -> ConfigDict:
     c.checkpoint.every = 50
     c.rl = ConfigDict(
         dict(
-            task="addition",  # addition | reverse | sort | countdown (fields in rl.tasks)
+            # addition | reverse | sort | countdown (fields in rl.tasks) | dataset (your JSONL
+            # prompts and a verifier: configs/rl_dataset.py, its rl.dataset section)
+            task="addition",
             tasks=dict(
                 addition=dict(min_digits=1, max_digits=3, format_reward=0.0),
                 reverse=dict(min_len=2, max_len=6, format_reward=0.0),
@@ -66,6 +68,17 @@ def get_config() -> ConfigDict:
             warmup_schedule="warmup_cosine",  # warmup_cosine | wsd | constant
             warmup_target_accuracy=0.0,  # > 0: stop the warm-up once greedy accuracy on
             # fixed training-split prompts reaches this (checked every eval_every steps)
+            # > 0: train on a fixed pool of this many distinct training-split prompts of a
+            # synthetic task (dataset tasks are a pool already); 0: draw prompts afresh
+            prompt_pool=0,
+            # prompt curriculum (rl/curriculum.py): keep per-prompt pass-rate estimates of
+            # the pool and sample, of candidates x n_prompts uniform draws, the n_prompts
+            # whose estimate is closest to target (PCL); needs a pool
+            curriculum=dict(enabled=False, candidates=4, target=0.5, ema=0.5,
+                            prior=placeholder(float)),  # prior None: the seen prompts' mean
+            # time the sampling and update phases every this many RL steps (one extra
+            # rollout each time) for sampling_frac, rollout/update tokens/s; 0: never
+            throughput_every=10,
         )
     )
     return c

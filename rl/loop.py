@@ -18,6 +18,7 @@ when RL has not started).
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -28,7 +29,9 @@ from ml_collections import ConfigDict
 
 from model import LOGICAL_RULES, Transformer
 from model.sharding import batch_sharding
+from rl import dataset as rl_dataset
 from rl import losses
+from rl.curriculum import CurriculumOptions, PromptPool, init_curriculum
 from rl.sampling import EOS
 from rl.step import (
     RLOptions,
@@ -37,25 +40,43 @@ from rl.step import (
     eval_prompts,
     make_eval_fn,
     make_rl_step,
+    make_rollout,
     train_prompts,
 )
 from rl.tasks import make_task
 from train import distributed, setup
 from train.checkpoint import abstract_like
 from train.errors import UserError
+from train.flops import flops_per_token, peak_flops
 from train.metrics import MetricWriter, to_python
 from train.runner import Cadence, Job, on_preemption, run_steps, write_final_metrics
 from train.setup import restore_variables  # re-exported: its home is train.setup
 from train.step import StepOptions, TrainState, make_train_step
 from train.validate import validate
 
-__all__ = ["make_options", "make_task_from_config", "restore_variables", "run"]
+__all__ = ["make_options", "make_prompt_pool", "make_task_from_config", "restore_variables",
+           "run"]
 
 
 # ------------------------------------------------------------------------ config -> objects
-def make_task_from_config(r: ConfigDict):
-    """The task of `config.rl` (`rl.task` with its fields from `rl.tasks.<task>`)."""
+def make_task_from_config(config: ConfigDict):
+    """The task of `config.rl`: `rl.task` with its fields from `rl.tasks.<task>`, or for
+    `rl.task="dataset"` the `rl.dataset.DatasetTask` of `rl.dataset` (prompts from JSONL
+    files, the run's tokenizer: `config.data`, `config.init_from`)."""
+    r = config.rl
     name = r.task
+    if name == "dataset":
+        if "dataset" not in r:
+            raise UserError("config.rl.task='dataset' needs a config.rl.dataset section "
+                            "(configs/rl_dataset.py)")
+        if r.max_new_tokens is None:
+            raise UserError("config.rl.max_new_tokens must be set for config.rl.task='dataset' "
+                            "(dataset prompts have no natural completion budget)")
+        if int(r.warmup_steps):
+            raise UserError("config.rl.warmup_steps must be 0 for config.rl.task='dataset' (the "
+                            "supervised warm-up needs token demonstrations; run the sft job "
+                            "first and start from it with config.init_from)")
+        return rl_dataset.from_config(config)
     fields = r.tasks.get(name) if name in r.tasks else None
     try:
         return make_task(name, **(fields.to_dict() if fields is not None else {}))
@@ -95,9 +116,51 @@ def make_options(r: ConfigDict, task) -> RLOptions:
             normalize_adv_std=_auto(r.adv_std, "adv_std", r.loss != "dr_grpo"),
             dr_grpo_constant=bool(r.get("dr_grpo_constant", False)),
             holdout_modulus=int(r.holdout_modulus),
+            curriculum=_curriculum_options(r),
         )
     except ValueError as e:
         raise UserError(f"config.rl: {e}") from e
+
+
+def _curriculum_options(r: ConfigDict) -> CurriculumOptions | None:
+    """`config.rl.curriculum` -> `CurriculumOptions` when enabled, else None."""
+    c = r.get("curriculum")
+    if c is None or not c.get("enabled", False):
+        return None
+    try:
+        return CurriculumOptions(candidates=int(c.candidates), target=float(c.target),
+                                 ema=float(c.ema), prior=_maybe(c.get("prior")))
+    except ValueError as e:
+        raise UserError(f"config.rl.curriculum: {e}") from e
+
+
+def make_prompt_pool(config: ConfigDict, task, opts: RLOptions):
+    """The task RL trains on: `task` itself, or with `config.rl.prompt_pool` > 0 a fixed
+    pool of that many distinct training-split prompts of the synthetic `task`
+    (`rl.curriculum.PromptPool`, drawn from `config.seed`). The curriculum needs a pool:
+    a dataset task is one, a synthetic task needs `prompt_pool`."""
+    size = int(config.rl.get("prompt_pool", 0) or 0)
+    if hasattr(task, "pool_size"):
+        if size:
+            raise UserError(f"config.rl.prompt_pool={size} applies to the synthetic tasks; "
+                            f"the {type(task).__name__}'s pool is its training split (set it "
+                            "to 0)")
+        pool = task
+    elif size:
+        try:
+            pool = PromptPool.from_task(task, size, int(config.seed), opts.holdout_modulus)
+        except ValueError as e:
+            raise UserError(f"config.rl.prompt_pool: {e}") from e
+    else:
+        pool = task
+    if opts.curriculum is not None:
+        if not hasattr(pool, "pool_size"):
+            raise UserError("config.rl.curriculum.enabled needs a finite prompt pool: set "
+                            "config.rl.prompt_pool > 0 (or use a dataset task)")
+        if pool.pool_size < opts.n_prompts:
+            raise UserError(f"config.rl.n_prompts={opts.n_prompts} exceeds the {pool.pool_size} "
+                            "prompts of the curriculum's pool")
+    return pool
 
 
 # ------------------------------------------------------------------------------- run
@@ -107,7 +170,7 @@ def run(config: ConfigDict) -> dict[str, Any]:
     validate(config)  # every numeric field, before anything is written
     cfg = setup.model_config(config)
     r = config.rl
-    task = make_task_from_config(r)
+    task = make_task_from_config(config)
     opts = make_options(r, task)
     distributed.initialize(config.get("distributed"))
     lead = jax.process_index() == 0
@@ -115,10 +178,14 @@ def run(config: ConfigDict) -> dict[str, Any]:
     mesh = setup.build_mesh(config)
     seq = _check(config, cfg, opts, task, setup.data_parallel_size(mesh))
     attention = setup.attention_backend(cfg, seq)
-    try:
-        ev = eval_prompts(task, int(r.eval_seed), int(r.eval_prompts), opts.holdout_modulus)
+    try:  # a dataset's own held-out split, else a hash split of the task's prompt space
+        ev = (task.eval_split(int(r.eval_prompts), setup.data_parallel_size(mesh))
+              if hasattr(task, "eval_split") else
+              eval_prompts(task, int(r.eval_seed), int(r.eval_prompts), opts.holdout_modulus))
     except ValueError as e:
         raise UserError(f"config.rl.eval_prompts: {e}") from e
+    task = make_prompt_pool(config, task, opts)  # after the held-out prompts: those come
+    # from the task's whole prompt space, the pool from its training split
     opt_cfg = ConfigDict(config.optim.to_dict())
     if opt_cfg.total_steps is None or opt_cfg.total_steps <= 0:
         opt_cfg.total_steps = steps * opts.updates_per_batch * opts.minibatches
@@ -136,7 +203,8 @@ def run(config: ConfigDict) -> dict[str, Any]:
         base = setup.init_state(model, tx, mesh, int(config.seed), seq)
         template = RLState(step=base.step, params=base.params, opt_state=base.opt_state,
                            router_bias=base.router_bias, rng=base.rng, bad_steps=base.bad_steps,
-                           ref=_ref(base.params, base.router_bias, opts.beta))
+                           ref=_ref(base.params, base.router_bias, opts.beta),
+                           curriculum=_curriculum_state(task, opts, mesh))
         with on_preemption() as preempted:
             state = setup.resume(ckpt, template, workdir, lead, "RL step",
                                  step=config.checkpoint.get("restore_step"))
@@ -156,10 +224,15 @@ def run(config: ConfigDict) -> dict[str, Any]:
             writer = MetricWriter(workdir, enabled=lead)  # after resume set stale rows aside
             if first_eval is not None:
                 writer.write(0, first_eval)
+            peak, peak_src = peak_flops(cfg.dtype)
             if lead:
-                print(_summary(cfg, opts, mesh, task) + "\n" + attention)
+                print(_summary(cfg, opts, mesh, task) + "\n" + attention +
+                      f"\nMFU basis: {rl_step_flops(cfg, opts, task.prompt_width, 0) / 1e9:.3f}"
+                      f" GFLOPs per RL step + the decode steps; peak {peak / 1e12:.3f} "
+                      f"TFLOP/s ({peak_src})")
             out = run_steps(
-                state, _rl_job(model, tx, task, opts, schedule, hook, state, evaluate),
+                state, _rl_job(model, tx, task, opts, schedule, hook, state, evaluate,
+                               int(r.get("throughput_every", 0)), peak),
                 Cadence.from_config(config, steps, int(r.eval_every)), ckpt, writer,
                 preempted=preempted, progress=bool(config.train.progress), lead=lead,
                 desc="rl")
@@ -189,7 +262,13 @@ def _check(config: ConfigDict, cfg, opts: RLOptions, task, dp: int) -> int:
         raise UserError(
             f"the task's prompt width {task.prompt_width} + config.rl.max_new_tokens "
             f"{opts.max_new_tokens} = {seq} exceeds config.model.max_seq_len={cfg.max_seq_len}")
-    if cfg.vocab_size <= EOS:
+    tokenizer = getattr(task, "tokenizer", None)  # a dataset task's; else the byte tokenizer
+    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
+        raise UserError(
+            f"the tokenizer {getattr(tokenizer, 'path', 'byte')} has {tokenizer.vocab_size} "
+            f"tokens, more than the model's vocab_size={cfg.vocab_size} (config.model, or "
+            "config.init_from's architecture)")
+    if tokenizer is None and cfg.vocab_size <= EOS:
         raise UserError(f"config.model.vocab_size={cfg.vocab_size} must exceed the byte "
                         f"tokenizer's EOS id {EOS}")
     return seq
@@ -237,22 +316,85 @@ def _initial_policy(config, model, task, opts, mesh, base: TrainState, hook, eva
     return params, router_bias
 
 
-def _rl_job(model, tx, task, opts: RLOptions, schedule, hook, state: RLState, evaluate) -> Job:
-    """The runner's view of the RL step: one jitted `rl_step` per RL step."""
+def rl_step_flops(cfg, opts: RLOptions, prompt_width: int, decode_steps: float) -> float:
+    """Model FLOPs of one RL step on the trainer's per-token basis (`train.flops`,
+    f = `flops_per_token(cfg, P + N)` for forward + backward, f / 3 for a forward):
+    mu passes of forward + backward over the B x (P + N) rollout tokens, one forward of them
+    for the old log-probs (and one for the reference when beta > 0), and the sampler's
+    forwards: the B x P prefill and B tokens per decode step."""
+    seq = prompt_width + opts.max_new_tokens
+    f = flops_per_token(cfg, seq)
+    b = opts.batch_size
+    forwards = 1 + (opts.beta > 0)
+    train = b * seq * (opts.updates_per_batch * f + forwards * f / 3)
+    sampling = b * (prompt_width + decode_steps) * f / 3
+    return float(train + sampling)
+
+
+def _rl_job(model, tx, task, opts: RLOptions, schedule, hook, state: RLState, evaluate,
+            throughput_every: int, peak: float) -> Job:
+    """The runner's view of the RL step: one jitted `rl_step` per RL step.
+
+    Throughput (every logged row): `step_s`, `samples_per_s`, `mfu` (`rl_step_flops` /
+    step_s / peak). Every `throughput_every` RL steps (0: never) the two phases are timed
+    on the state about to be stepped: the rollout alone (its own jitted program, run
+    once more for the measurement and left out of step_s) and then the whole step; the
+    latest measurement gives `sampling_frac` (rollout / step seconds), `rollout_tokens_per_s`
+    (generated tokens / rollout seconds) and `update_tokens_per_s` (B x (P + N) x mu /
+    the rest of the step)."""
     shardings = jax.tree.map(lambda x: x.sharding, state)
     rl_step = make_rl_step(model, tx, task, opts, schedule, hook)
     step_fn = jax.jit(lambda s: rl_step(s, jax.random.fold_in(s.rng, s.step)),
                       in_shardings=(shardings,), out_shardings=(shardings, None),
                       donate_argnums=0)
+    rollout = make_rollout(model, task, opts)
+    rollout_fn = jax.jit(
+        lambda s: rollout(s, jax.random.fold_in(s.rng, s.step))["out"]["lengths"],
+        in_shardings=(shardings,))
+    timing: dict[str, float] = {"extra_s": 0.0}
+    first = int(state.step)
+    p, b = int(task.prompt_width), opts.batch_size
+    update_tokens = b * (p + opts.max_new_tokens) * opts.updates_per_batch
+
+    def step(s: RLState, i: int):
+        if not (throughput_every and i > first and (i + 1) % throughput_every == 0):
+            return step_fn(s)
+        t0 = time.perf_counter()
+        jax.block_until_ready(s)
+        if "rollout_s" not in timing:
+            jax.block_until_ready(rollout_fn(s))  # compile, outside the measurement
+        t1 = time.perf_counter()
+        lengths = jax.block_until_ready(rollout_fn(s))
+        t2 = time.perf_counter()
+        timing["rollout_tokens"] = float(np.sum(jax.device_get(lengths)))
+        out = jax.block_until_ready(step_fn(s))
+        t3 = time.perf_counter()
+        timing.update(rollout_s=t2 - t1, step_s=t3 - t2, extra_s=timing["extra_s"] + t2 - t0)
+        return out
 
     def row(m: dict[str, Any], n: int, seconds: float) -> dict[str, Any]:
+        seconds = max(seconds - timing["extra_s"], 1e-9)
+        timing["extra_s"] = 0.0
         m["step_s"] = seconds / n
-        m["samples_per_s"] = opts.batch_size / max(m["step_s"], 1e-9)
+        m["samples_per_s"] = b / m["step_s"]
+        m["mfu"] = rl_step_flops(model.cfg, opts, p, float(m["decode_steps"])) / m["step_s"] / peak
+        if "rollout_s" in timing:
+            roll, whole = timing["rollout_s"], timing["step_s"]
+            m["sampling_frac"] = roll / whole
+            m["rollout_tokens_per_s"] = timing["rollout_tokens"] / roll
+            m["update_tokens_per_s"] = update_tokens / max(whole - roll, 1e-9)
         return m
 
     postfix = {"reward": "reward_mean", "acc": "accuracy", "eval_acc": "eval_accuracy"}
-    return Job(step=lambda s, i: step_fn(s), name="RL step", row=row, postfix=postfix,
+    return Job(step=step, name="RL step", row=row, postfix=postfix,
                evaluate=lambda s: evaluate(s.params, s.router_bias))
+
+
+def _curriculum_state(task, opts: RLOptions, mesh):
+    """A fresh curriculum over the task's pool (replicated), or {} when it is off."""
+    if opts.curriculum is None:
+        return {}
+    return jax.device_put(init_curriculum(task.pool_size), setup.replicated_sharding(mesh))
 
 
 def _ref(params, router_bias, beta: float):
@@ -269,7 +411,8 @@ def _summary(cfg, opts: RLOptions, mesh, task) -> str:
     return (f"RL {opts.loss} on {type(task).__name__}: {opts.n_prompts} prompts x G="
             f"{opts.group_size}, N={opts.max_new_tokens} new tokens, mu="
             f"{opts.updates_per_batch} x {opts.minibatches} minibatch(es); model "
-            f"{counts['total'] / 1e6:.2f}M params; mesh {sizes}")
+            f"{counts['total'] / 1e6:.2f}M params; mesh {sizes}"
+            + (f"\n{task.summary()}" if hasattr(task, "summary") else ""))
 
 
 def _place(split, mesh):

@@ -187,7 +187,7 @@ class Evaluator:
 
     def __init__(self, rl_config: ConfigDict):
         r = rl_config.rl
-        self.task = make_task_from_config(r)
+        self.task = make_task_from_config(rl_config)
         self.opts = make_options(r, self.task)
         n, seed, m = int(r.eval_prompts), int(r.eval_seed), self.opts.holdout_modulus
         self.sets = {"eval": eval_prompts(self.task, seed, n, m),

@@ -22,6 +22,10 @@ Rollout batch: `n_prompts` prompts, each repeated `group_size` (G) times, so B =
 G rows in groups of G consecutive rows. Minibatches split B into M contiguous blocks of
 whole groups; each of the mu passes (`updates_per_batch`) walks them in order.
 
+Prompts: drawn uniformly from the task, or with `opts.curriculum` chosen from the task's
+finite pool by the prompt curriculum (`rl.curriculum`), whose per-prompt pass-rate
+estimates live in `RLState.curriculum` and are updated from each step's rewards.
+
 Held-out split (`holdout_modulus` m > 0): a hash of the prompt's tokens puts 1/m of the
 prompt space in the evaluation split; training prompts are redrawn (up to `_TRIES`
 candidates per row, inside the graph) until they fall outside it, so greedy eval prompts
@@ -43,6 +47,7 @@ import optax
 
 from model import ModelConfig, Transformer, max_violation
 from rl import losses
+from rl.curriculum import CurriculumOptions, select_prompts, update_curriculum
 from rl.sampling import EOS, gather_completion, sample
 from train.step import make_apply_update
 
@@ -50,9 +55,11 @@ __all__ = [
     "RLOptions",
     "RLState",
     "demo_batch",
+    "distinct_prompts",
     "eval_prompts",
     "make_eval_fn",
     "make_rl_step",
+    "make_rollout",
     "policy_logp",
     "prompt_bucket",
     "train_prompts",
@@ -74,6 +81,8 @@ class RLState(flax.struct.PyTreeNode):
     rng: jax.Array
     bad_steps: jax.Array  # consecutive RL steps with a skipped (non-finite) update
     ref: Any
+    # the prompt curriculum's per-prompt estimates (`rl.curriculum.init_curriculum`), {} when off
+    curriculum: Any = flax.struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +109,8 @@ class RLOptions:
     # dr_grpo: divide by B x L_max (the paper's constant) instead of the non-empty rows x L_max
     dr_grpo_constant: bool = False
     holdout_modulus: int = 0  # 1/m of prompts reserved for evaluation (0: no split)
+    # prompt curriculum over the task's pool (`rl.curriculum`); None: uniform sampling
+    curriculum: CurriculumOptions | None = None
 
     def __post_init__(self):
         errors = []
@@ -173,7 +184,7 @@ def train_prompts(task, key: jax.Array, batch: int, modulus: int = 0):
     """`task.sample_prompts(key, batch)` restricted to the training split (bucket != 0):
     each row takes the first of `_TRIES` candidates outside the held-out bucket (with
     probability (1/m)^_TRIES none is, and the row keeps its first candidate)."""
-    if modulus <= 0:
+    if modulus <= 0 or hasattr(task, "pool_size"):  # a pool holds training prompts only
         return task.sample_prompts(key, batch)
     prompts, lens, answer = task.sample_prompts(key, batch * _TRIES)
     ok = (prompt_bucket(prompts, modulus) != 0).reshape(batch, _TRIES)
@@ -186,23 +197,35 @@ def train_prompts(task, key: jax.Array, batch: int, modulus: int = 0):
     return take(prompts), take(lens), jax.tree.map(take, answer)
 
 
-def eval_prompts(task, seed: int, count: int, modulus: int = 0):
-    """A fixed set of `count` distinct prompts from the held-out split (bucket 0; any
-    prompts when `modulus` is 0), drawn on the host from `jax.random.key(seed)`.
-    Returns numpy `(prompt_tokens, prompt_lens, answer)`. ValueError when the split has
-    fewer than `count` distinct prompts."""
-    draws = max(4 * count * max(modulus, 1), 1024)
+def distinct_prompts(task, seed: int, count: int, modulus: int = 0, held_out: bool = True):
+    """`count` distinct prompts of the held-out split (bucket 0 of `prompt_bucket`;
+    `held_out=False`: of the training split, the other buckets; any prompts when `modulus`
+    is 0), drawn on the host from `jax.random.PRNGKey(seed)`. Returns numpy
+    `(prompt_tokens, prompt_lens, answer)`. ValueError when the split has fewer than
+    `count` distinct prompts."""
+    draws = max(4 * count * (max(modulus, 1) if held_out else 1), 1024)
     prompts, lens, answer = jax.device_get(task.sample_prompts(jax.random.PRNGKey(seed), draws))
     prompts = np.asarray(prompts)
-    keep = np.ones(draws, bool) if modulus <= 0 else prompt_bucket(prompts, modulus) == 0
+    keep = np.ones(draws, bool)
+    if modulus > 0:
+        keep = (prompt_bucket(prompts, modulus) == 0) == held_out
     _, first = np.unique(prompts, axis=0, return_index=True)
     uniq = np.zeros(draws, bool)
     uniq[first] = True
     idx = np.flatnonzero(keep & uniq)[:count]
     if len(idx) < count:
-        raise ValueError(f"only {len(idx)} distinct held-out prompts found for eval_prompts="
-                         f"{count}; lower it (or holdout_modulus)")
+        split = "held-out" if held_out else "training"
+        raise ValueError(f"only {len(idx)} distinct {split} prompts found, fewer than {count}")
     return prompts[idx], np.asarray(lens)[idx], jax.tree.map(lambda x: np.asarray(x)[idx], answer)
+
+
+def eval_prompts(task, seed: int, count: int, modulus: int = 0):
+    """A fixed set of `count` distinct prompts from the held-out split (`distinct_prompts`).
+    ValueError (naming `eval_prompts`) when the split has fewer."""
+    try:
+        return distinct_prompts(task, seed, count, modulus)
+    except ValueError as e:
+        raise ValueError(f"{e} for eval_prompts={count}; lower it (or holdout_modulus)") from None
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -275,6 +298,45 @@ def _sample_metrics(out: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 # ----------------------------------------------------------------------------- the step
+def make_rollout(
+    model: Transformer, task: Any, opts: RLOptions
+) -> Callable[[RLState, jax.Array], dict[str, Any]]:
+    """Builds `rollout(state, key) -> dict`, the sampling phase of the RL step (pure; the
+    step calls it, and the loop jits it alone to time the phases): `n_prompts` training
+    prompts (uniform, or chosen by the curriculum from `state.curriculum`), each repeated
+    G times, and their completions sampled with the current policy.
+
+    Returns `{'prompt_lens' [B], 'answer' (rows repeated), 'out' (the `sample` dict),
+    'idx' [n_prompts] (the curriculum's pool rows, else absent), 'metrics'}`."""
+    g, n = opts.group_size, opts.max_new_tokens
+    stop_ids = getattr(task, "stop_ids", (EOS,))
+    pad_id = getattr(task, "pad_id", None)
+
+    def rollout(state: RLState, key: jax.Array) -> dict[str, Any]:
+        k_prompt, k_sample = jax.random.split(key)
+        r: dict[str, Any] = {"metrics": {}}
+        if opts.curriculum is not None:
+            r["idx"], r["metrics"] = select_prompts(state.curriculum, k_prompt, opts.n_prompts,
+                                                    opts.curriculum)
+            prompts, lens, answer = task.prompts_at(r["idx"])
+        else:
+            prompts, lens, answer = train_prompts(task, k_prompt, opts.n_prompts,
+                                                  opts.holdout_modulus)
+
+        def rep(x):
+            return _constrain_batch(jnp.repeat(x, g, axis=0))
+
+        prompts, lens, answer = rep(prompts), rep(lens), jax.tree.map(rep, answer)
+        variables = {"params": state.params, "router_bias": state.router_bias}
+        r["out"] = sample(model, variables, prompts, lens, k_sample, max_new_tokens=n,
+                          temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                          eos_id=stop_ids, pad_id=pad_id)
+        r["prompt_lens"], r["answer"] = lens, answer
+        return r
+
+    return rollout
+
+
 def make_rl_step(
     model: Transformer,
     tx: optax.GradientTransformation,
@@ -301,10 +363,15 @@ def make_rl_step(
     (fraction that emitted EOS), `decode_steps`, `entropy` (mean per-token entropy of
     pi_T on the rollouts), `mismatch` (mean |sampler logp - training logp| over the
     completion tokens), `groups_kept` (fraction of rows kept by dynamic sampling),
+    `groups_informative` (fraction of rows in groups whose rewards are not all equal: the
+    rollouts that carry a policy-gradient signal),
     `adv_abs_mean`; averaged over the mu x M updates: `loss`, `pg_loss`, `kl` (k3 to the
     reference), `approx_kl` (pi_old vs pi), `clip_frac`, `ratio_*`, `grad_norm`,
     `update_norm`, `max_logit`; `skipped` (non-finite updates, skipped); `lr`; with MoE
-    `moe/maxvio` and `moe/dropped_frac` of the rollout forward.
+    `moe/maxvio` and `moe/dropped_frac` of the rollout forward; with the curriculum
+    `curriculum/chosen_pass_rate` (mean predicted pass rate of the prompts kept),
+    `curriculum/candidate_pass_rate` (of all candidates) and `curriculum/seen_frac`
+    (fraction of the pool sampled at least once), all before this step's update.
     """
     cfg: ModelConfig = model.cfg
     loss_fn = losses.get(opts.loss)
@@ -343,19 +410,11 @@ def make_rl_step(
     def epoch(carry, _, minibatches):
         return jax.lax.scan(update, carry, minibatches)
 
+    rollout = make_rollout(model, task, opts)
+
     def rl_step(state: RLState, key: jax.Array):
-        k_prompt, k_sample = jax.random.split(key)
-        prompts, lens, answer = train_prompts(task, k_prompt, opts.n_prompts,
-                                              opts.holdout_modulus)
-
-        def rep(x):
-            return _constrain_batch(jnp.repeat(x, g, axis=0))
-
-        prompts, lens, answer = rep(prompts), rep(lens), jax.tree.map(rep, answer)
-        variables = {"params": state.params, "router_bias": state.router_bias}
-        out = sample(model, variables, prompts, lens, k_sample, max_new_tokens=n,
-                     temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-                     eos_id=EOS)
+        r = rollout(state, key)
+        lens, answer, out = r["prompt_lens"], r["answer"], r["out"]
         comp_mask = out["completion_mask"].astype(jnp.float32)
         task_reward, reward, adv, keep = _score(task, opts, out, answer)
         mask = comp_mask * keep[:, None].astype(jnp.float32)
@@ -387,6 +446,8 @@ def make_rl_step(
             "entropy": _masked_mean(entropy, comp_mask),
             "mismatch": _masked_mean(jnp.abs(out["logp"] - old_logp), comp_mask),
             "groups_kept": jnp.mean(keep.astype(jnp.float32)),
+            "groups_informative": jnp.mean(
+                losses.dapo_dynamic_sampling_mask(reward, g).astype(jnp.float32)),
             "adv_abs_mean": jnp.mean(jnp.abs(adv)),
             **_sample_metrics(out),
         })
@@ -395,10 +456,17 @@ def make_rl_step(
             metrics["moe/dropped_frac"] = aux["moe_dropped"]
         if schedule is not None:
             metrics["lr"] = schedule(state.step * (mu * m))
+        curriculum = state.curriculum
+        if opts.curriculum is not None:
+            solved = (task_reward >= 1.0).astype(jnp.float32).reshape(opts.n_prompts, g)
+            curriculum = update_curriculum(curriculum, r["idx"], jnp.mean(solved, axis=1),
+                                           opts.curriculum)
+            metrics.update(r["metrics"])
         any_bad = metrics["skipped"] > 0
         bad = jnp.where(any_bad, state.bad_steps + 1, 0).astype(state.bad_steps.dtype)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  router_bias=router_bias, bad_steps=bad)
+                                  router_bias=router_bias, bad_steps=bad,
+                                  curriculum=curriculum)
         return new_state, metrics
 
     return rl_step
@@ -414,7 +482,8 @@ def make_eval_fn(model: Transformer, task: Any, max_new_tokens: int):
         prompts, lens = _constrain_batch(prompts), _constrain_batch(lens)
         out = sample(model, {"params": params, "router_bias": router_bias}, prompts, lens,
                      jax.random.PRNGKey(0), max_new_tokens=max_new_tokens, greedy=True,
-                     eos_id=EOS)
+                     eos_id=getattr(task, "stop_ids", (EOS,)),
+                     pad_id=getattr(task, "pad_id", None))
         r = task.reward(out["completion"], out["completion_mask"], answer)
         return {
             "eval_accuracy": jnp.mean((r >= 1.0).astype(jnp.float32)),

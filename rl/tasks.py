@@ -12,11 +12,13 @@ and EOS = 256. Every task is a frozen dataclass (its fields are static) with
 
 `completion_mask` is the sampler's: 1 on the generated tokens up to and including the first
 EOS (`rl.sampling.sample`). `min_new_tokens` is the completion budget the longest answer
-needs (answer + EOS).
+needs (answer + EOS). `stop_ids` (the sampler's stop tokens, here `(EOS,)`) and `pad_id`
+(EOS) are what the RL step samples with; `rl.dataset.DatasetTask` (prompts from JSONL files,
+the run's tokenizer) has the same interface.
 
 Tasks: `Addition` ("123+45=" -> "168"), `DigitTask` reverse ("rev(3141)=" -> "1413") and
 sort ("sort(3141)=" -> "1134"), `Countdown` ("3,7,5->26:" -> e.g. "3*7+5"). `python_reward`
-wraps a text-level Python reward function as a host callback.
+wraps a text-level Python reward function as a host callback (any tokenizer, via `decode`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "EOS",
     "TASKS",
     "Addition",
+    "ByteTask",
     "Countdown",
     "DigitTask",
     "decode",
@@ -124,8 +127,16 @@ def _score(correct, well_formed, format_reward: float) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- tasks
+class ByteTask:
+    """What the tasks below share: the sampler stops at `stop_ids` (the byte tokenizer's
+    EOS) and pads with `pad_id` (EOS)."""
+
+    stop_ids: tuple[int, ...] = (EOS,)
+    pad_id: int = PAD
+
+
 @dataclasses.dataclass(frozen=True)
-class Addition:
+class Addition(ByteTask):
     """"a+b=" -> the decimal sum, then EOS. Each operand has a number of digits drawn
     uniformly from [min_digits, max_digits], then a value uniform among numbers with that
     many digits (0..9 for one digit). Well formed: digits then EOS."""
@@ -168,7 +179,7 @@ class Addition:
 
 
 @dataclasses.dataclass(frozen=True)
-class DigitTask:
+class DigitTask(ByteTask):
     """A random digit string (leading zeros allowed) of length uniform in
     [min_len, max_len]: `op="reverse"`: "rev(3141)=" -> "1413"; `op="sort"`:
     "sort(3141)=" -> "1134" (ascending). Well formed: digits then EOS."""
@@ -217,7 +228,7 @@ class DigitTask:
 
 
 @dataclasses.dataclass(frozen=True)
-class Countdown:
+class Countdown(ByteTask):
     """Countdown-style arithmetic: "3,7,5->26:" asks for an expression that uses each given
     number exactly once and evaluates to the target, e.g. "3*7+5".
 
@@ -361,31 +372,38 @@ def make_task(name: str, **kwargs):
 
 
 # ---------------------------------------------------------------------- text-level hook
-def decode(tokens: Any, length: int | None = None, mask: Any = None) -> str:
-    """Text of one row of byte tokens: the first `length` tokens (or those where `mask`),
-    up to the first EOS, as UTF-8 (invalid bytes replaced)."""
+def decode(tokens: Any, length: int | None = None, mask: Any = None, *,
+           tokenizer: Any = None, stop_ids: Sequence[int] = (EOS,)) -> str:
+    """Text of one row of tokens: the first `length` tokens (or those where `mask`), up to
+    the first of `stop_ids`, decoded by `tokenizer` (a `train.tokenizers` tokenizer; None:
+    the byte tokenizer, UTF-8 with invalid bytes replaced)."""
     toks = np.asarray(tokens)
     if length is not None:
         toks = toks[: int(length)]
     if mask is not None:
         toks = toks[np.asarray(mask)[: len(toks)].astype(bool)]
+    stops = {int(i) for i in stop_ids}
     out = []
     for t in toks.tolist():
-        if t == EOS:
+        if t in stops:
             break
-        if 0 <= t < 256:
-            out.append(t)
-    return bytes(out).decode("utf-8", errors="replace")
+        out.append(t)
+    if tokenizer is not None:
+        return tokenizer.decode(out)
+    return bytes(t for t in out if 0 <= t < 256).decode("utf-8", errors="replace")
 
 
-def python_reward(fn: Callable[..., float]) -> Callable[..., jax.Array]:
+def python_reward(fn: Callable[..., float],
+                  decode: Callable[..., str] = decode) -> Callable[..., jax.Array]:
     """Wraps a text-level Python reward as a function usable inside `jit`.
 
     `fn(prompt: str, completion: str, *extra) -> float` is called once per row on the
     decoded prompt (its first `prompt_lens` tokens) and completion (the unmasked tokens up
-    to the first EOS); `extra` are the rows of any further arrays passed (numpy). Returns
-    `reward(prompt_tokens [B, P], prompt_lens [B], completion [B, C], completion_mask
-    [B, C], *extra) -> [B] float32`.
+    to the first stop token); `extra` are the rows of any further arrays passed (numpy).
+    `decode(tokens, length=None, mask=None) -> str` turns a row into text: by default the
+    byte tokenizer's (`decode` above); `functools.partial(decode, tokenizer=...,
+    stop_ids=...)` for another tokenizer. Returns `reward(prompt_tokens [B, P],
+    prompt_lens [B], completion [B, C], completion_mask [B, C], *extra) -> [B] float32`.
 
     This LEAVES THE COMPILED GRAPH: it is a `jax.pure_callback`, so at run time the arrays
     are copied to the host, `fn` runs in Python (holding the GIL, one row at a time), and

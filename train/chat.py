@@ -101,11 +101,11 @@ class Record:
 
 
 def read_jsonl(paths: Sequence[str] | str, what: str,
-               parse: Callable[[str, str], Any]) -> list[Any]:
+               parse: Callable[[str, str], Any], key: str = "config.data.paths") -> list[Any]:
     """`parse(line, 'file:line')` of every non-blank line of the JSONL files that `paths`
     name (files, directories, globs), in order; an unreadable file or no record at all is
-    a `UserError` (`what`: the kind of data, for the messages)."""
-    files = expand_paths(paths, JSONL_SUFFIXES)
+    a `UserError` (`what`: the kind of data, `key`: the config key, for the messages)."""
+    files = expand_paths(paths, JSONL_SUFFIXES, key)
     out = []
     for f in files:
         try:
@@ -116,7 +116,7 @@ def read_jsonl(paths: Sequence[str] | str, what: str,
                             f"{getattr(e, 'strerror', None) or e}") from e
         out += [parse(line, f"{f}:{n}") for n, line in enumerate(lines, start=1) if line.strip()]
     if not out:
-        raise UserError(f"config.data.paths: no {what} record in {', '.join(map(str, files))}")
+        raise UserError(f"{key}: no {what} record in {', '.join(map(str, files))}")
     return out
 
 

@@ -11,10 +11,13 @@ exit code 75. Bugs keep their traceback.
 from __future__ import annotations
 
 import contextlib
+import logging as pylogging
 import os
+import re
 import sys
 from collections.abc import Iterator
 
+import jax
 from absl import flags, logging
 from ml_collections import ConfigDict, config_flags
 
@@ -87,18 +90,40 @@ def _quiet_unraisable(hook):
     return unraisablehook
 
 
+# The last line of a callback's traceback text, the class named with or without its module.
+_USER_ERROR = re.compile(rf"^(?:{re.escape(UserError.__module__)}\.)?"
+                         rf"{UserError.__qualname__}: (.+)$", re.MULTILINE)
+
+
+def callback_user_error(e: BaseException) -> str | None:
+    """The message of a `UserError` raised inside a host callback (`jax.pure_callback`,
+    e.g. a verifier's reward), which reaches the caller wrapped in the runtime's error with
+    the callback's traceback as text; None when `e` wraps something else."""
+    found = _USER_ERROR.findall(str(e))
+    return found[-1].strip() if found else None
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Runs the body of a command; a `UserError` is printed as one `error:` line, exit 2.
+    """Runs the body of a command; a `UserError` is printed as one `error:` line, exit 2,
+    also when a host callback raised it inside a compiled step (`callback_user_error`).
 
-    Also keeps Orbax's and absl's per-save INFO lines off the console.
+    Also keeps Orbax's and absl's per-save INFO lines off the console, and JAX's log of a
+    failed callback (its traceback is in the error that the call raises).
     """
     logging.set_verbosity(logging.WARNING)
+    pylogging.getLogger("jax._src.callback").setLevel(pylogging.CRITICAL)
     sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
     try:
         yield
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except jax.errors.JaxRuntimeError as e:
+        message = callback_user_error(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)

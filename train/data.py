@@ -112,9 +112,10 @@ def stdlib_files() -> list[Path]:
     return sorted(out)
 
 
-def expand_paths(paths: Iterable[str], suffixes: tuple[str, ...] | None) -> list[Path]:
+def expand_paths(paths: Iterable[str], suffixes: tuple[str, ...] | None,
+                 key: str = "config.data.paths") -> list[Path]:
     """Files named by paths, directories (recursively, files with `suffixes`) and globs;
-    an entry that matches no file is a `UserError` naming it."""
+    an entry that matches no file is a `UserError` naming it (and the config `key`)."""
     if isinstance(paths, str):
         paths = [paths]
     out: list[Path] = []
@@ -124,7 +125,7 @@ def expand_paths(paths: Iterable[str], suffixes: tuple[str, ...] | None) -> list
             matches = sorted(Path(m) for m in glob.glob(entry, recursive=True))
             files = [m for m in matches if m.is_file()]
             if not files:
-                raise UserError(f"config.data.paths: glob {entry!r} matches no file")
+                raise UserError(f"{key}: glob {entry!r} matches no file")
             out.extend(files)
         elif os.path.isdir(entry):
             found = sorted(
@@ -133,14 +134,14 @@ def expand_paths(paths: Iterable[str], suffixes: tuple[str, ...] | None) -> list
             )
             if not found:
                 raise UserError(
-                    f"config.data.paths: directory {entry!r} holds no file"
+                    f"{key}: directory {entry!r} holds no file"
                     + (f" ending in {' '.join(suffixes)}" if suffixes else "")
                 )
             out.extend(found)
         elif os.path.isfile(entry):
             out.append(Path(entry))
         else:
-            raise UserError(f"config.data.paths: {entry!r} does not exist")
+            raise UserError(f"{key}: {entry!r} does not exist")
     return out
 
 

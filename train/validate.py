@@ -186,6 +186,13 @@ RL_RULES: dict[str, _Num | _Bool] = {
     "rl.warmup_batch_size": _int(1),
     "rl.warmup_lr": POSITIVE,
     "rl.warmup_target_accuracy": FRACTION,  # 0: no early stop
+    "rl.prompt_pool": _int(0),  # 0: no fixed pool (sample the task afresh)
+    "rl.throughput_every": _int(0),  # 0: never time the phases
+    "rl.curriculum.enabled": _Bool(),
+    "rl.curriculum.candidates": _int(1),
+    "rl.curriculum.target": FRACTION,
+    "rl.curriculum.ema": _real(0, 1, lo_open=True),
+    "rl.curriculum.prior": _real(0, 1, none="the mean estimate over the prompts seen"),
 }
 
 # config.preference (configs/preference.py), checked when the config has that section;

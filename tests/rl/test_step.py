@@ -187,7 +187,9 @@ def _loop_config(workdir):
     c.model.update(dict(d_model=32, n_layers=1, n_heads=2, ffn_dim=64))
     c.mesh.data = -1  # 8 devices
     c.rl.update(dict(n_prompts=4, group_size=4, warmup_steps=10, warmup_batch_size=16,
-                     warmup_lr=1e-2, eval_prompts=16, eval_every=5, warmup_target_accuracy=0.9))
+                     warmup_lr=1e-2, eval_prompts=16, eval_every=5, warmup_target_accuracy=0.9,
+                     prompt_pool=24, throughput_every=2))
+    c.rl.curriculum.enabled = True
     c.rl.tasks.addition.format_reward = 0.5  # "digits then EOS" already varies after warm-up
     c.optim.lr = 1e-3
     c.train.update(dict(steps=3, log_every=1, progress=False))
@@ -214,6 +216,19 @@ def test_loop_warmup_rl_resume_and_generate(tmp_path, capsys):
               "entropy", "mismatch", "lr"):
         assert k in rows[3], k
     assert rows[3]["reward_std"] > 0
+    # Throughput (phases timed at RL step 2, the first after the compiling one) and the
+    # curriculum over the pool of 24 prompts (4 per step).
+    for k in ("mfu", "step_s", "sampling_frac", "rollout_tokens_per_s", "update_tokens_per_s",
+              "curriculum/chosen_pass_rate", "curriculum/seen_frac"):
+        assert k in rows[3], k
+    assert 0 < rows[3]["sampling_frac"] < 1 and rows[3]["mfu"] > 0
+    assert "sampling_frac" not in rows[1]
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    cur_abstract = {"curriculum": {
+        "pass_rate": jax.ShapeDtypeStruct((24,), jnp.float32, sharding=one),
+        "count": jax.ShapeDtypeStruct((24,), jnp.int32, sharding=one)}}
+    cur3 = rl_loop.restore_variables(str(work), cur_abstract)["curriculum"]
+    assert int(np.sum(cur3["count"])) == 3 * 4
     # The policy moved between RL step 0 and 3.
     abstract = {"params": jax.eval_shape(
         lambda: nn.unbox(rl_loop.Transformer(model_config(c)).init(
@@ -231,9 +246,15 @@ def test_loop_warmup_rl_resume_and_generate(tmp_path, capsys):
     rl_loop.run(c)
     again = _rows(work)
     assert sorted(again) == [0, 1, 2, 3]
+    timing = ("step_s", "samples_per_s", "mfu", "sampling_frac", "rollout_tokens_per_s",
+              "update_tokens_per_s")
     for k, v in rows[3].items():
-        if k not in ("step_s", "samples_per_s"):
+        if k not in timing:
             np.testing.assert_allclose(again[3][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    # The curriculum state was restored from step 2 and stepped again, bit for bit.
+    cur3_again = rl_loop.restore_variables(str(work), cur_abstract)["curriculum"]
+    for k in ("pass_rate", "count"):
+        np.testing.assert_array_equal(cur3_again[k], cur3[k])
 
     from rl.generate import main as generate_main
 

@@ -42,3 +42,32 @@ def test_missing_config_file(tmp_path):
     r = run_cli("--config", "configs/does_not_exist.py")
     assert r.returncode == 2
     assert "does_not_exist.py" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_user_error_inside_a_host_callback_is_one_line(capsys):
+    """A `UserError` raised by a host callback inside a compiled step (a verifier's reward)
+    is printed as its one `error:` line, exit 2; another callback failure stays a bug."""
+    import jax
+    import jax.numpy as jnp
+
+    from train.cli import user_errors
+    from train.errors import UserError
+
+    def host(x):
+        raise UserError("verifier f returned nan for the record at a.jsonl:3: rewards must be "
+                        "finite")
+
+    f = jax.jit(lambda x: jax.pure_callback(host, jax.ShapeDtypeStruct((2,), jnp.float32), x))
+    with pytest.raises(SystemExit) as e, user_errors():
+        jax.block_until_ready(f(jnp.zeros(2)))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: verifier f returned nan for the record at a.jsonl:3: rewards must be "
+                   "finite"]
+
+    def buggy(x):
+        raise ZeroDivisionError("a bug")
+
+    g = jax.jit(lambda x: jax.pure_callback(buggy, jax.ShapeDtypeStruct((2,), jnp.float32), x))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="ZeroDivisionError"), user_errors():
+        jax.block_until_ready(g(jnp.zeros(2)))

@@ -8,13 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
-from train.chat import BUILTIN_TEMPLATE
-
-# A tiny dense model: compiles and trains in seconds.
-MODEL = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=2, ffn_dim=64, max_seq_len=64)
-
 
 def _records(n: int) -> list[dict]:
     out = []
@@ -26,35 +19,6 @@ def _records(n: int) -> list[dict]:
             out.append({"messages": [{"role": "user", "content": f"add {a} {b}"},
                                      {"role": "assistant", "content": f"sum {a + b}"}]})
     return out
-
-
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    """An 'imported checkpoint': random weights of MODEL in the `model.hf` Orbax format,
-    with a BPE tokenizer.json and a tokenizer_config.json (ChatML chat template)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from model import ModelConfig, Transformer
-    from model.hf.checkpoint import write_orbax
-
-    d = tmp_path_factory.mktemp("imported")
-    cfg = ModelConfig(**MODEL)
-    v = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-    write_orbax(str(d), cfg, v)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok.train_from_iterator(["user assistant add sum", "add 1 2", "sum 3 4 5 6 7 8 9 0"],
-                            trainer=trainer)
-    tok.save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": BUILTIN_TEMPLATE, "eos_token": "<|im_end|>"}))
-    return d
 
 
 def _run(root, cpu_env, args):
