@@ -3,6 +3,9 @@ selection keeps the candidates closest to the target, prompt pools stay in the t
 split, config errors. The RL job with a pool + curriculum (metrics, bitwise resume of the
 curriculum state) is tested in test_step.py's loop test."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,3 +107,37 @@ def test_curriculum_needs_a_pool(tmp_path):
     with pytest.raises(UserError, match="n_prompts"):
         rl_loop.run(c)
     assert not (tmp_path / "w").exists()
+
+
+def test_experiment_arms_and_summary(tmp_path):
+    """rl.curriculum_experiment: the two arms differ only in the curriculum switch (and the
+    curriculum arm starts from the uniform arm's warm-up); rollouts-to-target and the figure
+    from metric rows written by hand."""
+    from configs import rl_curriculum
+    from rl import curriculum_experiment as ce
+
+    base = rl_curriculum.get_config()
+    arms = ce.arm_configs(base, str(tmp_path))
+    u, c = arms["uniform"], arms["curriculum"]
+    assert not u.rl.curriculum.enabled and c.rl.curriculum.enabled
+    assert int(u.rl.warmup_steps) > 0 and int(c.rl.warmup_steps) == 0
+    assert c.rl.init_from == os.path.join(u.workdir, "warmup")
+    diff = {k for k in u.rl.keys() if u.rl[k] != c.rl[k]}
+    assert diff == {"curriculum", "warmup_steps", "init_from"}
+
+    per_step = 4
+    for arm, accs in (("uniform", [0.1, 0.2, 0.3, 0.5]), ("curriculum", [0.1, 0.4, 0.6, 0.7])):
+        os.makedirs(arms[arm].workdir)
+        with open(os.path.join(arms[arm].workdir, "metrics.jsonl"), "w") as f:
+            for i, a in enumerate(accs):
+                f.write(json.dumps({"step": 10 * i, "eval_accuracy": a}) + "\n")
+                f.write(json.dumps({"step": 10 * i + 1, "groups_informative": a / 2}) + "\n")
+    curves = {arm: ce.curve(arms[arm].workdir, per_step) for arm in ce.ARMS}
+    assert curves["uniform"]["rollouts"] == [0, 40, 80, 120]
+    s = ce.summarize(curves, 0.5)
+    assert s["uniform"]["rollouts_to_target"] == 120
+    assert s["curriculum"]["rollouts_to_target"] == 80 and s["rollout_ratio"] == 1.5
+    assert s["curriculum"]["best_accuracy"] == 0.7
+    assert ce.summarize(curves, 0.9)["rollout_ratio"] is None
+    ce.figure(curves, s, str(tmp_path / "f.png"), "t")
+    assert (tmp_path / "f.png").stat().st_size > 0
