@@ -359,8 +359,8 @@ def _rl_job(model, tx, task, opts: RLOptions, schedule, hook, state: RLState, ev
     def step(s: RLState, i: int):
         if not (throughput_every and i > first and (i + 1) % throughput_every == 0):
             return step_fn(s)
+        jax.block_until_ready(s)  # the steps queued before: part of step_s
         t0 = time.perf_counter()
-        jax.block_until_ready(s)
         if "rollout_s" not in timing:
             jax.block_until_ready(rollout_fn(s))  # compile, outside the measurement
         t1 = time.perf_counter()
