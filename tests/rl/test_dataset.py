@@ -349,7 +349,8 @@ def test_cli_end_to_end_from_an_imported_checkpoint(tmp_path, imported):
               "--config.train.progress=False"]
     p = _cli(str(tmp_path), *common, "--config.train.steps=2", f"--config.workdir={work}",
              "--config.rl.dataset.verifier=python",
-             "--config.rl.dataset.function=e2e_verifier:score")
+             "--config.rl.dataset.function=e2e_verifier:score",
+             "--config.rl.curriculum.enabled=True")  # over the training records
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"tokenizer {imported / 'tokenizer.json'}" in p.stdout
     assert "verifier score (a host callback)" in p.stdout
@@ -359,6 +360,7 @@ def test_cli_end_to_end_from_an_imported_checkpoint(tmp_path, imported):
     assert {"eval_accuracy", "eval_reward"} <= set(rows[0]) and "eval_reward" in rows[-1]
     assert all(np.isfinite(r["reward_mean"]) for r in rows[1:])
     assert all(0 <= r["reward_mean"] <= 1.1 for r in rows[1:])
+    assert rows[2]["curriculum/seen_frac"] > 0
     assert os.path.exists(work / "final_metrics.json")
 
     for extra, needle in [
