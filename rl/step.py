@@ -66,6 +66,7 @@ __all__ = [
 ]
 
 _TRIES = 8  # candidate prompts per row when redrawing outside the held-out split
+_DRAW_ROUNDS = 4  # distinct_prompts: up to 8x its first number of draws
 
 
 class RLState(flax.struct.PyTreeNode):
@@ -204,19 +205,23 @@ def distinct_prompts(task, seed: int, count: int, modulus: int = 0, held_out: bo
     `(prompt_tokens, prompt_lens, answer)`. ValueError when the split has fewer than
     `count` distinct prompts."""
     draws = max(4 * count * (max(modulus, 1) if held_out else 1), 1024)
-    prompts, lens, answer = jax.device_get(task.sample_prompts(jax.random.PRNGKey(seed), draws))
-    prompts = np.asarray(prompts)
-    keep = np.ones(draws, bool)
-    if modulus > 0:
-        keep = (prompt_bucket(prompts, modulus) == 0) == held_out
-    _, first = np.unique(prompts, axis=0, return_index=True)
-    uniq = np.zeros(draws, bool)
-    uniq[first] = True
-    idx = np.flatnonzero(keep & uniq)[:count]
-    if len(idx) < count:
-        split = "held-out" if held_out else "training"
-        raise ValueError(f"only {len(idx)} distinct {split} prompts found, fewer than {count}")
-    return prompts[idx], np.asarray(lens)[idx], jax.tree.map(lambda x: np.asarray(x)[idx], answer)
+    for _ in range(_DRAW_ROUNDS):  # rare prompts (a task's non-uniform draws): draw more
+        prompts, lens, answer = jax.device_get(task.sample_prompts(jax.random.PRNGKey(seed),
+                                                                   draws))
+        prompts = np.asarray(prompts)
+        keep = np.ones(draws, bool)
+        if modulus > 0:
+            keep = (prompt_bucket(prompts, modulus) == 0) == held_out
+        _, first = np.unique(prompts, axis=0, return_index=True)
+        uniq = np.zeros(draws, bool)
+        uniq[first] = True
+        idx = np.flatnonzero(keep & uniq)[:count]
+        if len(idx) == count:
+            return jax.tree.map(lambda x, rows=idx: np.asarray(x)[rows], (prompts, lens, answer))
+        draws *= 2
+    split = "held-out" if held_out else "training"
+    raise ValueError(f"only {len(idx)} distinct {split} prompts found in {draws // 2} draws, "
+                     f"fewer than {count}")
 
 
 def eval_prompts(task, seed: int, count: int, modulus: int = 0):
