@@ -14,7 +14,7 @@ held-out prompts every `rl.eval_every` steps. The same command resumes an interr
 experiment (each arm resumes from its checkpoints; a finished arm is not rerun).
 
 Writes `workdir/curriculum.png` (held-out accuracy and the fraction of rollouts in groups
-whose rewards are not all equal, against rollouts sampled) and
+whose rewards are not all equal (a running mean), against rollouts sampled) and
 `workdir/curriculum_summary.json` (per arm: rollouts to reach `--target` held-out
 accuracy, the accuracy at the end and its best), copied to `--publish_dir` when given.
 """
@@ -36,6 +36,16 @@ from train.metrics import read_metrics
 ARMS = ("uniform", "curriculum")
 FIGURE = "curriculum.png"
 SUMMARY = "curriculum_summary.json"
+SMOOTH = 10  # logged rows averaged in the figure's right panel
+
+
+def _running_mean(y: list[float], k: int) -> list[float]:
+    """Mean of the last `k` values (fewer at the start) at every index."""
+    out, total = [], 0.0
+    for i, v in enumerate(y):
+        total += v - (y[i - k] if i >= k else 0.0)
+        out.append(total / min(i + 1, k))
+    return out
 
 
 def arm_configs(base: ConfigDict, workdir: str, steps: int | None = None,
@@ -118,10 +128,11 @@ def figure(curves: dict[str, dict[str, list[float]]], summary: dict[str, Any], p
         hit = summary[arm]["rollouts_to_target"]
         label = f"{arm} ({f'target at {hit} rollouts' if hit else 'target not reached'})"
         ax1.plot(c["rollouts"], c["eval_accuracy"], color=color, marker=".", label=label)
-        ax2.plot(c["rollouts_all"], c["groups_informative"], color=color, lw=1, label=arm)
+        ax2.plot(c["rollouts_all"], _running_mean(c["groups_informative"], SMOOTH), color=color,
+                 lw=1.2, label=arm)
     ax1.axhline(summary["target"], color="gray", ls="--", lw=1, label="target")
     ax1.set_ylabel("greedy held-out accuracy")
-    ax2.set_ylabel("rollouts in groups with a signal")
+    ax2.set_ylabel(f"rollouts in groups with a signal\n(running mean of {SMOOTH} rows)")
     for ax in (ax1, ax2):
         ax.set_xlabel("rollouts sampled")
         ax.grid(alpha=0.3)

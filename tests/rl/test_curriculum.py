@@ -139,5 +139,6 @@ def test_experiment_arms_and_summary(tmp_path):
     assert s["curriculum"]["rollouts_to_target"] == 80 and s["rollout_ratio"] == 1.5
     assert s["curriculum"]["best_accuracy"] == 0.7
     assert ce.summarize(curves, 0.9)["rollout_ratio"] is None
+    assert ce._running_mean([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
     ce.figure(curves, s, str(tmp_path / "f.png"), "t")
     assert (tmp_path / "f.png").stat().st_size > 0
