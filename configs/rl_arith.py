@@ -3,8 +3,9 @@
     python -m train --config configs/rl_arith.py       # or: python -m rl --config ...
 
 A short supervised warm-up on (prompt, answer) demonstrations leaves the model partly
-right; GRPO with rollouts sampled in the same jitted step then raises the greedy accuracy
-on held-out prompts (a hash split of the prompt space that training never samples).
+right (~68% held out); GRPO with rollouts sampled in the same jitted step then raises the
+greedy accuracy on held-out prompts (a hash split of the prompt space that training never
+samples) past 95%.
 """
 
 from configs import rl_base
@@ -23,18 +24,21 @@ def get_config():
     c.rl.tasks.addition.update(dict(min_digits=2, max_digits=2))  # 10..99 + 10..99
     c.rl.n_prompts = 32
     c.rl.updates_per_batch = 2
-    # Supervised warm-up: stopped early in its climb out of a ~10% plateau, as soon as
-    # the greedy accuracy on training prompts reaches 25% (supervised training run on to
-    # ~1500 steps reaches ~100%), so that RL has headroom.
+    # Supervised warm-up: stopped as soon as the greedy accuracy on training prompts reaches
+    # 60% (~600 steps; run on to ~1500 steps it reaches ~100%); GRPO then takes the held-out
+    # accuracy from ~68% to >= 95% (README: 98.8% after 2500 RL steps, 8 min on 2 cores).
     c.rl.warmup_steps = 2000
-    c.rl.warmup_target_accuracy = 0.25
+    c.rl.warmup_target_accuracy = 0.6
     c.rl.warmup_schedule = "constant"
     c.rl.eval_prompts = 512  # of the ~810 held-out problems
+    c.rl.eval_every = 100
     # RL: a fresh Adam's first updates are ~lr * sign(g) on every weight, so keep lr low
-    # and ramp it (lr=1e-3 without a ramp drops a 100%-accurate model to ~35% in one step).
+    # and ramp it (lr=1e-3 without a ramp drops a 100%-accurate model to ~35% in one step);
+    # the cosine decay settles the held-out accuracy (constant lr: it swings 85-93%).
     c.optim.lr = 3e-4
+    c.optim.schedule = "warmup_cosine"
     c.optim.warmup_steps = 20
-    c.train.steps = 1500
+    c.train.steps = 2500
     c.train.log_every = 5
     c.checkpoint.every = 100
     return c
