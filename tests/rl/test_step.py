@@ -192,6 +192,7 @@ def _loop_config(workdir):
     c.rl.curriculum.enabled = True
     c.rl.tasks.addition.format_reward = 0.5  # "digits then EOS" already varies after warm-up
     c.optim.lr = 1e-3
+    c.optim.schedule = "constant"  # 3 RL steps: shorter than the config's 20-update ramp
     c.train.update(dict(steps=3, log_every=1, progress=False))
     c.checkpoint.update(dict(every=1, keep=10, async_save=False))
     return c
