@@ -1,5 +1,6 @@
-"""`bench/bench_train.py --quick` runs end to end and prints valid JSON lines (a smoke test:
-the figures themselves are not checked, only that each kind of line is there and sane)."""
+"""`bench/bench_train.py --quick` and `bench/bench_decode.py` run end to end and print valid
+JSON lines (smoke tests: the figures themselves are not checked, only that each kind of
+line is there and sane)."""
 
 import json
 import math
@@ -155,3 +156,34 @@ def test_bench_attention_tiny_prints_json_lines():
     assert "NVIDIA GPU" in runs[(64, "cudnn")]["skipped"]  # CPU
     auto = {x["T"]: x["choice"] for x in lines if x["bench"] == "auto"}
     assert set(auto) == {64, 96} and auto[64].startswith("attention: explicit")
+
+
+def _bench_decode(*args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
+    env["JAX_PLATFORMS"] = "cpu"
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "bench_decode.py"), *args],
+        capture_output=True, text=True, env=env, timeout=300, check=True,
+    ).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_bench_decode_prints_json_lines():
+    """The tiny default (scanned, unrolled, Python loop; transformers skipped) and the 1B
+    preset's dry run (shapes, bytes, the weight-read floor; traces only)."""
+    lines = _bench_decode("--skip-hf", "--repeats", "2", "--new-tokens", "8", "--prompt-len",
+                          "4", "--batch", "2")
+    head, rows = lines[0], {x["impl"]: x for x in lines if "impl" in x}
+    assert head["bench"] == "decode" and head["params"] > 0 and head["weight_read_floor_ms"] > 0
+    assert set(rows) == {"scanned", "unrolled", "python_loop_jitted_step"}
+    for impl in ("scanned", "unrolled"):
+        x = rows[impl]
+        assert x["tokens_per_s"] > 0 and x["prefill_s"] > 0 and math.isfinite(x["decode_step_ms"])
+    last = lines[-1]
+    assert last["greedy_agreement_unrolled"] == 1.0 and last["greedy_agreement_python_loop"] == 1.0
+
+    dry = _bench_decode("--preset", "1b", "--dry-run")
+    assert dry[0]["params"] == 1_235_814_400 and dry[0]["dtype"] == "bfloat16"
+    assert abs(dry[0]["weight_read_floor_ms"] - 0.515) < 1e-3
+    assert {(x["impl"], x["max_new_tokens"]) for x in dry[1:]} == {
+        ("scanned", 1), ("scanned", 128), ("unrolled", 1), ("unrolled", 128)}
