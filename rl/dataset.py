@@ -70,8 +70,8 @@ from train.chat import (
 from train.errors import UserError
 from train.tokenizers import make_tokenizer
 
-__all__ = ["END_OF_TURN", "DatasetTask", "Example", "from_config", "parse_example",
-           "read_examples"]
+__all__ = ["END_OF_TURN", "DatasetTask", "Example", "chat_stop_ids", "from_config",
+           "parse_example", "read_examples", "run_tokenizer"]
 
 # End-of-turn tokens of common chat templates (ChatML, Llama 3, Phi-3, Gemma, Llama 2).
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
@@ -162,7 +162,8 @@ def _single_token(tokenizer, text: str) -> int | None:
     return int(ids[0]) if len(ids) == 1 else None
 
 
-def _stop_ids(tokenizer, template: ChatTemplate, extra: Sequence[str]) -> tuple[int, ...]:
+def chat_stop_ids(tokenizer, template: ChatTemplate, extra: Sequence[str] = ()
+                  ) -> tuple[int, ...]:
     """The tokenizer's EOS, the template's end-of-turn tokens, and `extra` (module
     docstring)."""
     ids = [int(tokenizer.eos_id)]
@@ -264,7 +265,7 @@ class DatasetTask:
             prompts[i, : len(t)] = t
         lens = np.asarray([len(t) for _, t in rows], np.int32)
         return cls(prompts, lens, len(trains), tuple(ex for ex, _ in rows), verify, tokenizer,
-                   _stop_ids(tokenizer, template, stop_tokens), pad, template.origin,
+                   chat_stop_ids(tokenizer, template, stop_tokens), pad, template.origin,
                    dropped_long, overlap)
 
     # ------------------------------------------------------------------ task protocol
@@ -330,6 +331,13 @@ class DatasetTask:
                 f"{list(self.stop_ids)}, verifier {name} (a host callback)")
 
 
+def run_tokenizer(config):
+    """The tokenizer of a run's `config`: `config.data.tokenizer`, else `init_from`'s
+    (`train.chat.resolve_tokenizer`), else the byte tokenizer."""
+    name = resolve_tokenizer(config.data, str(config.get("init_from", "") or ""))
+    return make_tokenizer(name, str(config.data.get("eos_token", "") or ""))
+
+
 def from_config(config) -> DatasetTask:
     """The `DatasetTask` of `config.rl.dataset` (configs/rl_dataset.py), with the tokenizer
     of `config.data` / `config.init_from` (`train.chat.resolve_tokenizer`) and the chat
@@ -340,9 +348,7 @@ def from_config(config) -> DatasetTask:
                         "of {'prompt', 'answer'} (or {'messages', 'answer'}) records")
     verify = verifiers.make_verifier(str(d.verifier), str(d.get("pattern", "") or ""),
                                      str(d.get("function", "") or ""))
-    tokenizer = make_tokenizer(resolve_tokenizer(config.data, str(config.get("init_from", "")
-                                                                  or "")),
-                               str(config.data.get("eos_token", "")))
+    tokenizer = run_tokenizer(config)
     template = load_template(str(config.data.get("chat_template", "")), tokenizer)
     train = read_examples(d.paths)
     held_out = read_examples(d.eval_paths, "config.rl.dataset.eval_paths") if d.eval_paths else None

@@ -1,11 +1,16 @@
 """Text in, text out: `generate_text` samples continuations of string prompts with the
-in-graph sampler (`rl.sampling.sample`) and the byte tokenizer; `load` reads a run's model
-and checkpoint.
+in-graph sampler (`rl.sampling.sample`) and a tokenizer (the byte tokenizer by default);
+`load` reads a run's model, checkpoint and config.
 
     python -m rl.generate --workdir runs/rl_arith --prompt "12+34=" [--temperature 0.7]
+    python -m rl.generate --workdir runs/rl_dataset --chat --prompt "What is 6 * 7?"
 
-Without `--max-new-tokens` a completion may run to the end of the model's context
-(`max_seq_len`) after the longest prompt.
+The command tokenizes with the run's own tokenizer (`config.data.tokenizer`, else its
+`init_from` checkpoint's `tokenizer.json`, else bytes). `--chat` sends each prompt as a user
+turn through the run's chat template with its generation prompt, and stops at the
+template's end-of-turn token too, as the dataset RL task does (`rl.dataset`). Without
+`--max-new-tokens` a completion may run to the end of the model's context (`max_seq_len`)
+after the longest prompt.
 """
 
 from __future__ import annotations
@@ -32,10 +37,13 @@ def generate_text(
     top_p: float = 1.0,
     greedy: bool = False,
     seed: int = 0,
+    tokenizer: Any = None,
+    stop_ids: Sequence[int] | None = None,
 ) -> list[str]:
-    """Continuations of `prompts` (UTF-8 bytes as tokens, EOS = 256), each cut at its first
-    EOS; invalid UTF-8 is replaced. An empty prompt is given as a lone EOS (the document
-    separator of the training data), i.e. "start of a document".
+    """Continuations of `prompts` tokenized by `tokenizer` (a `train.tokenizers` tokenizer;
+    None: UTF-8 bytes, EOS = 256), each cut at its first stop token (`stop_ids`, default the
+    tokenizer's EOS) and decoded (invalid UTF-8 replaced). An empty prompt is given as a
+    lone EOS (the document separator of the training data), i.e. "start of a document".
 
     All prompts run as one batch in one jitted call (right-padded to the longest).
     `max_new_tokens=None`: as many as fit in the model's `max_seq_len` after the longest
@@ -43,8 +51,10 @@ def generate_text(
     token, or when the longest prompt plus an explicit `max_new_tokens` exceeds
     `max_seq_len`.
     """
-    tok = ByteTokenizer()
-    ids = [tok.encode(p) if p else np.asarray([tok.eos_id], np.int32) for p in prompts]
+    tok = ByteTokenizer() if tokenizer is None else tokenizer
+    stops = tuple(int(i) for i in stop_ids) if stop_ids else (int(tok.eos_id),)
+    ids = [np.asarray(tok.encode(p), np.int32) if p else np.asarray([tok.eos_id], np.int32)
+           for p in prompts]
     if not ids:
         return []
     width = max(len(x) for x in ids)
@@ -58,14 +68,14 @@ def generate_text(
     def run(variables, batch, lens, key):
         out = sample(model, variables, batch, lens, key, max_new_tokens=max_new_tokens,
                      temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                     eos_id=tok.eos_id)
+                     eos_id=stops)
         return out["completion"], out["completion_mask"]
 
     completion, mask = jax.device_get(run(variables, batch, lens, jax.random.key(seed)))
     texts = []
     for row, m in zip(completion, mask, strict=True):
         row = row[m.astype(bool)]
-        end = np.flatnonzero(row == tok.eos_id)
+        end = np.flatnonzero(np.isin(row, stops))
         texts.append(tok.decode(row[: end[0]] if len(end) else row))
     return texts
 
@@ -102,6 +112,12 @@ def load(workdir: str, step: int | None = None) -> tuple[Transformer, dict[str, 
     """The model of a training or RL run's `workdir` (its `config.json`) and the
     variables of its latest checkpoint (RL or pretraining; the warm-up's when RL has not
     saved yet), on the first device. Raises `UserError`."""
+    model, variables, _ = load_run(workdir, step)
+    return model, variables
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[Transformer, dict[str, Any], Any]:
+    """`load`, plus the run's config (`ml_collections.ConfigDict`)."""
     import json
     import os
 
@@ -124,7 +140,7 @@ def load(workdir: str, step: int | None = None) -> tuple[Transformer, dict[str, 
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev),
                             abstract)
     variables = restore_variables(workdir, abstract, step)
-    return model, {"router_bias": {}, **variables}
+    return model, {"router_bias": {}, **variables}, config
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,11 +162,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    ap.add_argument("--chat", action="store_true",
+                    help="send each prompt as a user turn through the run's chat template")
     args = ap.parse_args(argv)
     with user_errors():
-        model, variables = load(args.workdir, args.step)
+        from rl.dataset import chat_stop_ids, run_tokenizer
+        from train.chat import load_template
+
+        model, variables, config = load_run(args.workdir, args.step)
+        tokenizer = run_tokenizer(config)
+        prompts, stops = list(args.prompt), None
+        if args.chat:
+            template = load_template(str(config.data.get("chat_template", "") or ""), tokenizer)
+            if not template.raw:
+                prompts = [template.render([{"role": "user", "content": p}],
+                                           add_generation_prompt=True) for p in prompts]
+            stops = chat_stop_ids(tokenizer, template)
         try:
-            texts = generate_text(model, variables, args.prompt,
+            texts = generate_text(model, variables, prompts, tokenizer=tokenizer, stop_ids=stops,
                                   max_new_tokens=args.max_new_tokens,
                                   temperature=max(args.temperature, 1e-6), top_k=args.top_k,
                                   top_p=args.top_p, greedy=args.temperature <= 0, seed=args.seed)

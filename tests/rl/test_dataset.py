@@ -19,7 +19,10 @@ from ml_collections import ConfigDict
 from configs import rl_dataset
 from rl import dataset, verifiers
 from rl.dataset import DatasetTask, read_examples
+from rl.generate import load_run
+from rl.generate import main as generate_main
 from rl.loop import make_task_from_config
+from rl.sampling import sample
 from train.chat import load_template
 from train.errors import UserError
 from train.tokenizers import ByteTokenizer, make_tokenizer
@@ -333,7 +336,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300)
 
 
-def test_cli_end_to_end_from_an_imported_checkpoint(tmp_path, imported):
+def test_cli_end_to_end_from_an_imported_checkpoint(tmp_path, imported, capsys):
     (tmp_path / "e2e_verifier.py").write_text(
         "from rl.verifiers import exact_number\n"
         "def score(prompt, completion, answer):\n"
@@ -361,6 +364,25 @@ def test_cli_end_to_end_from_an_imported_checkpoint(tmp_path, imported):
     assert all(np.isfinite(r["reward_mean"]) for r in rows[1:])
     assert all(0 <= r["reward_mean"] <= 1.1 for r in rows[1:])
     assert rows[2]["curriculum/seen_frac"] > 0
+
+    # rl.generate on the run: its tokenizer (the checkpoint's BPE) and chat template.
+    model, variables, config = load_run(str(work))
+    tok = dataset.run_tokenizer(config)
+    assert tok.path == str(imported / "tokenizer.json")
+    capsys.readouterr()
+    generate_main(["--workdir", str(work), "--chat", "--prompt", "add 1 2", "--prompt", "sum 3",
+                   "--max-new-tokens", "3"])
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith("add 1 2") and out[1].startswith("sum 3")
+    # the same as decoding the sampler's greedy tokens of the rendered prompt by hand
+    template = load_template("", tok)
+    text = template.render([{"role": "user", "content": "add 1 2"}], add_generation_prompt=True)
+    ids, stops = tok.encode(text), dataset.chat_stop_ids(tok, template)
+    got = sample(model, variables, jnp.asarray(ids)[None], jnp.asarray([len(ids)]),
+                 jax.random.key(0), max_new_tokens=3, greedy=True, eos_id=stops)
+    toks = [int(t) for t, m in zip(got["completion"][0], got["completion_mask"][0], strict=True)
+            if m and int(t) not in stops]
+    assert out[0] == "add 1 2" + tok.decode(toks)
     assert os.path.exists(work / "final_metrics.json")
 
     for extra, needle in [
