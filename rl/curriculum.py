@@ -18,7 +18,8 @@ before any). Each step draws `candidates x n_prompts` distinct prompts uniformly
 pool and keeps the `n_prompts` with the smallest |p(x) - target| (ties broken at random).
 
 The estimates live in the RL state (`RLState.curriculum`, one float32 and one int32 per
-prompt of the pool), so they are checkpointed and a resumed run continues bit for bit.
+prompt of the pool, and the pool's fingerprint), so they are checkpointed and a resumed run
+continues bit for bit; a run resumed with other prompts in its pool is refused.
 
 Pools: a dataset task (`rl.dataset.DatasetTask`) is one; a synthetic task of `rl.tasks` is
 turned into one by `PromptPool.from_task` (a fixed set of distinct training-split prompts).
@@ -28,6 +29,7 @@ Both expose `pool_size` and `prompts_at(idx [B]) -> (prompt_tokens, prompt_lens,
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from typing import Any
 
 import jax
@@ -38,6 +40,7 @@ __all__ = [
     "CurriculumOptions",
     "PromptPool",
     "init_curriculum",
+    "pool_fingerprint",
     "select_prompts",
     "update_curriculum",
 ]
@@ -66,11 +69,19 @@ class CurriculumOptions:
             raise ValueError("; ".join(errors))
 
 
-def init_curriculum(pool_size: int) -> dict[str, jax.Array]:
+def pool_fingerprint(prompts: np.ndarray) -> int:
+    """A 31-bit checksum (CRC-32) of a pool's prompt tokens `[pool, P]`: a resumed
+    curriculum checks that its estimates belong to the same prompts in the same order."""
+    return zlib.crc32(np.ascontiguousarray(prompts, np.int32).tobytes()) & 0x7FFFFFFF
+
+
+def init_curriculum(pool_size: int, fingerprint: int = 0) -> dict[str, jax.Array]:
     """The state of a fresh curriculum over `pool_size` prompts: `pass_rate [pool]`
-    float32 (0 where unseen) and `count [pool]` int32 (times sampled)."""
+    float32 (0 where unseen), `count [pool]` int32 (times sampled) and `pool`, the pool's
+    `pool_fingerprint` (int32 scalar)."""
     return {"pass_rate": jnp.zeros((pool_size,), jnp.float32),
-            "count": jnp.zeros((pool_size,), jnp.int32)}
+            "count": jnp.zeros((pool_size,), jnp.int32),
+            "pool": jnp.asarray(fingerprint, jnp.int32)}
 
 
 def predicted_pass_rate(state: dict[str, jax.Array], prior: float | None) -> jax.Array:
@@ -121,7 +132,7 @@ def update_curriculum(
     old = state["pass_rate"][idx]
     first = state["count"][idx] == 0
     new = jnp.where(first, accuracy, old + opts.ema * (accuracy - old)).astype(jnp.float32)
-    return {"pass_rate": state["pass_rate"].at[idx].set(new),
+    return {**state, "pass_rate": state["pass_rate"].at[idx].set(new),
             "count": state["count"].at[idx].add(1)}
 
 

@@ -31,7 +31,7 @@ from model import LOGICAL_RULES, Transformer
 from model.sharding import batch_sharding
 from rl import dataset as rl_dataset
 from rl import losses
-from rl.curriculum import CurriculumOptions, PromptPool, init_curriculum
+from rl.curriculum import CurriculumOptions, PromptPool, init_curriculum, pool_fingerprint
 from rl.sampling import EOS
 from rl.step import (
     RLOptions,
@@ -196,8 +196,6 @@ def run(config: ConfigDict) -> dict[str, Any]:
         hook = setup.qk_clip_hook(config, cfg)
     with (setup.workdir_lock(workdir, lead), jax.set_mesh(mesh),
           nn.logical_axis_rules(LOGICAL_RULES)):
-        if lead:
-            setup.write_config(workdir, config)
         ckpt = setup.checkpointer(config, os.path.join(workdir, "checkpoints"))
         evaluate = _evaluator(config, model, task, opts, mesh, ev)
         base = setup.init_state(model, tx, mesh, int(config.seed), seq)
@@ -208,6 +206,10 @@ def run(config: ConfigDict) -> dict[str, Any]:
         with on_preemption() as preempted:
             state = setup.resume(ckpt, template, workdir, lead, "RL step",
                                  step=config.checkpoint.get("restore_step"))
+            if state is not None:
+                _check_pool(state, template, ckpt.directory)
+            if lead:  # after a resume that fits the config: a refused one keeps the old file
+                setup.write_config(workdir, config)
             first_eval = None
             if state is None:
                 params, router_bias = _initial_policy(config, model, task, opts, mesh, base,
@@ -394,7 +396,23 @@ def _curriculum_state(task, opts: RLOptions, mesh):
     """A fresh curriculum over the task's pool (replicated), or {} when it is off."""
     if opts.curriculum is None:
         return {}
-    return jax.device_put(init_curriculum(task.pool_size), setup.replicated_sharding(mesh))
+    state = init_curriculum(task.pool_size, pool_fingerprint(task.prompts[: task.pool_size]))
+    return jax.device_put(state, setup.replicated_sharding(mesh))
+
+
+def _check_pool(state: RLState, template: RLState, directory: str) -> None:
+    """A resumed curriculum's estimates belong to the pool the run starts with: the same
+    prompts in the same order (`rl.curriculum.pool_fingerprint`), else `UserError`."""
+    if not template.curriculum:
+        return
+    saved, now = int(state.curriculum["pool"]), int(template.curriculum["pool"])
+    if saved != now:
+        raise UserError(
+            f"cannot resume from {directory}: the curriculum's prompt pool differs from the "
+            f"one its checkpoint was saved with (fingerprint {saved:#x}, now {now:#x}: the "
+            "prompts of config.rl.dataset.paths, or config.seed / config.rl.prompt_pool's "
+            "draw changed), so its per-prompt estimates would belong to other prompts. "
+            "Nothing was deleted; restore those settings or point config.workdir elsewhere")
 
 
 def _ref(params, router_bias, beta: float):

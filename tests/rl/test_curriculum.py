@@ -17,6 +17,7 @@ from rl.curriculum import (
     CurriculumOptions,
     PromptPool,
     init_curriculum,
+    pool_fingerprint,
     predicted_pass_rate,
     select_prompts,
     update_curriculum,
@@ -142,3 +143,13 @@ def test_experiment_arms_and_summary(tmp_path):
     assert ce._running_mean([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
     ce.figure(curves, s, str(tmp_path / "f.png"), "t")
     assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_pool_fingerprint_is_kept_and_tells_pools_apart():
+    p = np.arange(12, dtype=np.int32).reshape(4, 3)
+    f = pool_fingerprint(p)
+    assert f == pool_fingerprint(p.copy()) and 0 <= f < 2**31
+    assert f != pool_fingerprint(p[::-1]) and f != pool_fingerprint(p + (p == 5))
+    s = init_curriculum(4, f)
+    s = update_curriculum(s, jnp.asarray([1]), jnp.asarray([0.5]), CurriculumOptions())
+    assert int(s["pool"]) == f

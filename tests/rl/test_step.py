@@ -34,6 +34,7 @@ from rl.step import (
     train_prompts,
 )
 from rl.tasks import Addition, decode
+from train.errors import UserError
 from train.qkclip import make_qk_clip_hook
 from train.setup import model_config, opt_state_shardings
 
@@ -256,6 +257,16 @@ def test_loop_warmup_rl_resume_and_generate(tmp_path, capsys):
     cur3_again = rl_loop.restore_variables(str(work), cur_abstract)["curriculum"]
     for k in ("pass_rate", "count"):
         np.testing.assert_array_equal(cur3_again[k], cur3[k])
+
+    # The same size of pool but other prompts (another seed draws it): refused before
+    # anything is written, config.json kept.
+    saved_config = (work / "config.json").read_text()
+    other = _loop_config(work)
+    other.seed = int(c.seed) + 1
+    with pytest.raises(UserError, match="prompt pool differs"):
+        rl_loop.run(other)
+    assert (work / "config.json").read_text() == saved_config
+    assert sorted(_rows(work)) == [0, 1, 2, 3]
 
     from rl.generate import main as generate_main
 
