@@ -350,9 +350,10 @@ def _rl_job(model, tx, task, opts: RLOptions, schedule, hook, state: RLState, ev
                       in_shardings=(shardings,), out_shardings=(shardings, None),
                       donate_argnums=0)
     rollout = make_rollout(model, task, opts)
+    # generated tokens, summed in the program: a replicated scalar every process can read
     rollout_fn = jax.jit(
-        lambda s: rollout(s, jax.random.fold_in(s.rng, s.step))["out"]["lengths"],
-        in_shardings=(shardings,))
+        lambda s: jnp.sum(rollout(s, jax.random.fold_in(s.rng, s.step))["out"]["lengths"]),
+        in_shardings=(shardings,), out_shardings=setup.replicated_sharding(model.mesh))
     timing: dict[str, float] = {"extra_s": 0.0}
     first = int(state.step)
     p, b = int(task.prompt_width), opts.batch_size
@@ -366,9 +367,9 @@ def _rl_job(model, tx, task, opts: RLOptions, schedule, hook, state: RLState, ev
         if "rollout_s" not in timing:
             jax.block_until_ready(rollout_fn(s))  # compile, outside the measurement
         t1 = time.perf_counter()
-        lengths = jax.block_until_ready(rollout_fn(s))
+        generated = jax.block_until_ready(rollout_fn(s))
         t2 = time.perf_counter()
-        timing["rollout_tokens"] = float(np.sum(jax.device_get(lengths)))
+        timing["rollout_tokens"] = float(generated)
         out = jax.block_until_ready(step_fn(s))
         t3 = time.perf_counter()
         timing.update(rollout_s=t2 - t1, step_s=t3 - t2, extra_s=timing["extra_s"] + t2 - t0)
