@@ -154,9 +154,7 @@ def run_experiment(base: ConfigDict, workdir: str, target: float, steps: int | N
     for arm in ARMS:
         print(f"== arm {arm}: {configs[arm].workdir}", flush=True)
         loop.run(configs[arm])
-    per_step = int(base.rl.n_prompts) * int(base.rl.group_size)
-    if quick:
-        per_step = int(configs["uniform"].rl.n_prompts) * int(configs["uniform"].rl.group_size)
+    per_step = int(configs["uniform"].rl.n_prompts) * int(configs["uniform"].rl.group_size)
     curves = {arm: curve(configs[arm].workdir, per_step) for arm in ARMS}
     summary = summarize(curves, target)
     with open(os.path.join(workdir, SUMMARY), "w") as f:

@@ -71,7 +71,7 @@ from train.errors import UserError
 from train.tokenizers import make_tokenizer
 
 __all__ = ["END_OF_TURN", "DatasetTask", "Example", "chat_stop_ids", "from_config",
-           "parse_example", "read_examples", "run_tokenizer"]
+           "parse_example", "read_examples", "render_prompt", "run_tokenizer"]
 
 # End-of-turn tokens of common chat templates (ChatML, Llama 3, Phi-3, Gemma, Llama 2).
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "</s>")
@@ -143,18 +143,22 @@ def read_examples(paths: Sequence[str] | str, key: str = "config.rl.dataset.path
     return read_jsonl(paths, "RL prompt", parse_example, key)
 
 
-def _render(ex: Example, template: ChatTemplate) -> str:
+def render_prompt(prompt: str | Sequence[dict[str, str]], template: ChatTemplate,
+                  where: str = "") -> str:
+    """The text a prompt (a string: one user turn, or messages) is sent as: rendered by
+    the chat template with its generation prompt, or with a raw template the text as it
+    is (messages must then be one user turn; `UserError` naming `where` otherwise)."""
     if not template.raw:
-        messages = ([{"role": "user", "content": ex.prompt}] if isinstance(ex.prompt, str)
-                    else list(ex.prompt))
-        return template.render(messages, add_generation_prompt=True, where=ex.where)
-    if isinstance(ex.prompt, str):
-        return ex.prompt
-    if len(ex.prompt) != 1:
-        raise UserError(f"{ex.where}: config.data.chat_template='raw' sends a prompt's text "
+        messages = ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
+                    else list(prompt))
+        return template.render(messages, add_generation_prompt=True, where=where)
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) != 1:
+        raise UserError(f"{where}: config.data.chat_template='raw' sends a prompt's text "
                         f"as it is: 'messages' must be one user turn, not "
-                        f"{[m['role'] for m in ex.prompt]}")
-    return ex.prompt[0]["content"]
+                        f"{[m['role'] for m in prompt]}")
+    return prompt[0]["content"]
 
 
 def _single_token(tokenizer, text: str) -> int | None:
@@ -235,7 +239,8 @@ class DatasetTask:
                 if verifiers.final_number(ex.answer) is None:
                     raise UserError(f"{ex.where}: the answer {ex.answer!r} holds no number "
                                     "(config.rl.dataset.verifier='exact_number')")
-        ids = tokenizer.encode_batch([_render(ex, template) for ex, _ in pairs])
+        ids = tokenizer.encode_batch([render_prompt(ex.prompt, template, ex.where)
+                                        for ex, _ in pairs])
         kept, dropped_long = [], 0
         for (ex, held), t in zip(pairs, ids, strict=True):
             if len(t) == 0:

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="send each prompt as a user turn through the run's chat template")
     args = ap.parse_args(argv)
     with user_errors():
-        from rl.dataset import chat_stop_ids, run_tokenizer
+        from rl.dataset import chat_stop_ids, render_prompt, run_tokenizer
         from train.chat import load_template
 
         model, variables, config = load_run(args.workdir, args.step)
@@ -174,9 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         prompts, stops = list(args.prompt), None
         if args.chat:
             template = load_template(str(config.data.get("chat_template", "") or ""), tokenizer)
-            if not template.raw:
-                prompts = [template.render([{"role": "user", "content": p}],
-                                           add_generation_prompt=True) for p in prompts]
+            prompts = [render_prompt(p, template) for p in prompts]
             stops = chat_stop_ids(tokenizer, template)
         try:
             texts = generate_text(model, variables, prompts, tokenizer=tokenizer, stop_ids=stops,

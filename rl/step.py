@@ -279,19 +279,19 @@ def _reduce_updates(ms: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def _score(task, opts: RLOptions, out: dict[str, jax.Array], answer):
-    """(task reward, shaped reward, group advantages, rows kept) of sampled rollouts: the
-    task's reward [+ DAPO's overlong penalty], advantages within groups of G, and DAPO's
-    dynamic-sampling mask (groups whose rewards all agree carry no signal)."""
+    """(task reward, shaped reward, group advantages, informative rows, rows kept) of
+    sampled rollouts: the task's reward [+ DAPO's overlong penalty], advantages within
+    groups of G, the rows of groups whose rewards are not all equal (the others carry no
+    signal) and the rows the update keeps (those with DAPO's dynamic sampling, else all)."""
     g, n = opts.group_size, opts.max_new_tokens
     task_reward = task.reward(out["completion"], out["completion_mask"], answer)
     reward = task_reward
     if opts.overlong_cache_len:
         reward = reward + losses.overlong_penalty(out["lengths"], n, opts.overlong_cache_len)
     adv = losses.group_advantages(reward, g, normalize_std=opts.normalize_adv_std)
-    keep = jnp.ones(reward.shape, bool)
-    if opts.dynamic_sampling:
-        keep = losses.dapo_dynamic_sampling_mask(reward, g)
-    return task_reward, reward, adv, keep
+    informative = losses.dapo_dynamic_sampling_mask(reward, g)
+    keep = informative if opts.dynamic_sampling else jnp.ones(reward.shape, bool)
+    return task_reward, reward, adv, informative, keep
 
 
 def _sample_metrics(out: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -314,8 +314,6 @@ def make_rollout(
     Returns `{'prompt_lens' [B], 'answer' (rows repeated), 'out' (the `sample` dict),
     'idx' [n_prompts] (the curriculum's pool rows, else absent), 'metrics'}`."""
     g, n = opts.group_size, opts.max_new_tokens
-    stop_ids = getattr(task, "stop_ids", (EOS,))
-    pad_id = getattr(task, "pad_id", None)
 
     def rollout(state: RLState, key: jax.Array) -> dict[str, Any]:
         k_prompt, k_sample = jax.random.split(key)
@@ -335,7 +333,7 @@ def make_rollout(
         variables = {"params": state.params, "router_bias": state.router_bias}
         r["out"] = sample(model, variables, prompts, lens, k_sample, max_new_tokens=n,
                           temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
-                          eos_id=stop_ids, pad_id=pad_id)
+                          eos_id=task.stop_ids, pad_id=task.pad_id)
         r["prompt_lens"], r["answer"] = lens, answer
         return r
 
@@ -421,7 +419,7 @@ def make_rl_step(
         r = rollout(state, key)
         lens, answer, out = r["prompt_lens"], r["answer"], r["out"]
         comp_mask = out["completion_mask"].astype(jnp.float32)
-        task_reward, reward, adv, keep = _score(task, opts, out, answer)
+        task_reward, reward, adv, informative, keep = _score(task, opts, out, answer)
         mask = comp_mask * keep[:, None].astype(jnp.float32)
 
         sg = jax.lax.stop_gradient
@@ -451,8 +449,7 @@ def make_rl_step(
             "entropy": _masked_mean(entropy, comp_mask),
             "mismatch": _masked_mean(jnp.abs(out["logp"] - old_logp), comp_mask),
             "groups_kept": jnp.mean(keep.astype(jnp.float32)),
-            "groups_informative": jnp.mean(
-                losses.dapo_dynamic_sampling_mask(reward, g).astype(jnp.float32)),
+            "groups_informative": jnp.mean(informative.astype(jnp.float32)),
             "adv_abs_mean": jnp.mean(jnp.abs(adv)),
             **_sample_metrics(out),
         })
@@ -487,8 +484,7 @@ def make_eval_fn(model: Transformer, task: Any, max_new_tokens: int):
         prompts, lens = _constrain_batch(prompts), _constrain_batch(lens)
         out = sample(model, {"params": params, "router_bias": router_bias}, prompts, lens,
                      jax.random.PRNGKey(0), max_new_tokens=max_new_tokens, greedy=True,
-                     eos_id=getattr(task, "stop_ids", (EOS,)),
-                     pad_id=getattr(task, "pad_id", None))
+                     eos_id=task.stop_ids, pad_id=task.pad_id)
         r = task.reward(out["completion"], out["completion_mask"], answer)
         return {
             "eval_accuracy": jnp.mean((r >= 1.0).astype(jnp.float32)),

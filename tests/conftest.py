@@ -19,6 +19,26 @@ IMPORTED_MODEL = dict(vocab_size=320, d_model=32, n_layers=2, n_heads=2, ffn_dim
                       max_seq_len=64)
 
 
+def train_chatml_bpe(sentences, path):
+    """A byte-level BPE `tokenizer.json` (vocab 300, ChatML special tokens) trained on
+    `sentences`, saved at `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tok.train_from_iterator(list(sentences), trainer=trainer)
+    tok.save(str(path))
+
+
+@pytest.fixture(scope="session")
+def chatml_bpe():
+    """`train_chatml_bpe(sentences, path)`, for test modules (conftest is not imported)."""
+    return train_chatml_bpe
+
+
 @pytest.fixture(scope="session")
 def imported(tmp_path_factory):
     """An 'imported checkpoint': random weights of IMPORTED_MODEL in the `model.hf` Orbax
@@ -26,7 +46,6 @@ def imported(tmp_path_factory):
     tokenizer_config.json (ChatML chat template)."""
     import flax.linen as nn
     import jax.numpy as jnp
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from model import ModelConfig, Transformer
     from model.hf.checkpoint import write_orbax
@@ -36,14 +55,8 @@ def imported(tmp_path_factory):
     cfg = ModelConfig(**IMPORTED_MODEL)
     v = nn.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
     write_orbax(str(d), cfg, v)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok.train_from_iterator(["user assistant add sum", "add 1 2", "sum 3 4 5 6 7 8 9 0"],
-                            trainer=trainer)
-    tok.save(str(d / "tokenizer.json"))
+    train_chatml_bpe(["user assistant add sum", "add 1 2", "sum 3 4 5 6 7 8 9 0"],
+                     d / "tokenizer.json")
     (d / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": BUILTIN_TEMPLATE, "eos_token": "<|im_end|>"}))
     return d

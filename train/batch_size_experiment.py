@@ -346,8 +346,7 @@ def main(argv: list[str] | None = None) -> None:
 
     argv = list(sys.argv if argv is None else argv)
     with user_errors():
-        if any(a == "--config" or a.startswith("--config=") or a.startswith("--config.")
-               for a in argv[1:]):
+        if sweep.names_config(argv):
             _from_config(argv)
             return
         ap = argparse.ArgumentParser(prog="python -m train.batch_size_experiment",

@@ -397,6 +397,13 @@ def _alias_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+def names_config(argv: list[str]) -> bool:
+    """Whether an experiment command's `argv` (program name first) names a config
+    (`--config FILE` or `--config.k=v` overrides): run the sweep, then the analysis
+    (`run_experiment_sweep`); otherwise the analysis only, of an existing `--workdir`."""
+    return any(a == "--config" or a.startswith(("--config=", "--config.")) for a in argv[1:])
+
+
 def run_experiment_sweep(argv: list[str], section: str, example: str) -> tuple[ConfigDict, str]:
     """The sweep half of an experiment command (`train.wsm_experiment`, ...): parses `argv`
     (`--config FILE`, overrides, `--sweep.*` aliases), requires `config.sweep.<section>`

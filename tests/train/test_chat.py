@@ -88,20 +88,11 @@ def test_builtin_template_and_mask():
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
+def hf_dir(tmp_path_factory, chatml_bpe):
     """A BPE tokenizer.json with ChatML special tokens and a tokenizer_config.json holding
     the ChatML chat_template (as an imported checkpoint has them)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tok.train_from_iterator(["be brief", "what is 2+2? and 3+3?", "the answer is 4"],
-                            trainer=trainer)
     d = tmp_path_factory.mktemp("hf")
-    tok.save(str(d / "tokenizer.json"))
+    chatml_bpe(["be brief", "what is 2+2? and 3+3?", "the answer is 4"], d / "tokenizer.json")
     (d / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None}))
     return d
